@@ -171,18 +171,23 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor) -> Tensor:
-        """q: (B, H, T, D), k, v: (B, Hkv, T, D) pre-RoPE; input_pos: (B, T). Returns (B, H, T, D)."""
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor,
+                rows: Tensor | None = None) -> Tensor:
+        """q: (b, H, T, D), k, v: (b, Hkv, T, D) pre-RoPE; input_pos: (b, T); rows: (b,) the cache
+        rows of these sequences, None for all rows in order (decode). Returns (b, H, T, D)."""
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        b = torch.arange(q.shape[0], device=q.device)[:, None]  # (B, 1)
-        self.k_cache[b, :, input_pos] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, D)
-        self.v_cache[b, :, input_pos] = v.transpose(1, 2)
-        S = self.k_cache.shape[2]
-        mask = torch.arange(S, device=q.device) <= input_pos[..., None]  # (B, T, S)
-        return attend(q, self.k_cache, self.v_cache, mask)
+        b = torch.arange(q.shape[0], device=q.device) if rows is None else rows
+        self.k_cache[b[:, None], :, input_pos] = k.transpose(1, 2)  # indexed view is (b, T, Hkv, D)
+        self.v_cache[b[:, None], :, input_pos] = v.transpose(1, 2)
+        k_all, v_all = (self.k_cache, self.v_cache) if rows is None else (self.k_cache[rows], self.v_cache[rows])
+        mask = torch.arange(k_all.shape[2], device=q.device) <= input_pos[..., None]  # (b, T, S)
+        return attend(q, k_all, v_all, mask)
 
     def bytes_allocated(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache))
+
+    def bytes_read_per_step(self) -> int:
+        return self.bytes_allocated()  # a decode step attends over every slot (masked), static shapes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,14 +213,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_head * args.head_dim, args.dim, bias=False)
         self.kv_cache: nn.Module | None = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, rope: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, rope: Tensor, rows: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        y = self.kv_cache(q, k, v, input_pos, rope)  # (B, H, T, D)
+        y = self.kv_cache(q, k, v, input_pos, rope, rows)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
 
 
@@ -238,8 +243,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: Tensor, input_pos: Tensor, rope: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), input_pos, rope)
+    def forward(self, x: Tensor, input_pos: Tensor, rope: Tensor, rows: Tensor | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), input_pos, rope, rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -273,13 +278,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope_table(self.args, max_seq_length).to(device), persistent=False)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        """idx: (B, T) token ids; input_pos: (B, T) each token's position in its own sequence.
-        Returns logits (B, T, vocab) in float32."""
-        rope = self.rope[input_pos]  # (B, T, D/2, 2)
+    def forward(self, idx: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
+        """idx: (b, T) token ids; input_pos: (b, T) each token's position in its own sequence;
+        rows: (b,) which cache rows these sequences use (None: all B rows, in order). Prompts of
+        different lengths are prefilled one row at a time, so no padding token ever enters a cache.
+        Returns logits (b, T, vocab) in float32."""
+        rope = self.rope[input_pos]  # (b, T, D/2, 2)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
-            x = layer(x, input_pos, rope)
+            x = layer(x, input_pos, rope, rows)
         return self.output(self.norm(x)).float()
 
     def kv_cache_bytes(self) -> int:

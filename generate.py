@@ -1,0 +1,290 @@
+"""Text generation: a CLI and an importable API (`generate`).
+
+    python generate.py --chat --prompt "What is the capital of France?" --temperature 0
+
+Prompts of different lengths share one batch: each is prefilled into its own cache row, then all
+rows decode together, each at its own position, each stopping at its own end-of-sequence token.
+"""
+import argparse
+import contextlib
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from model import Transformer, load_model
+
+PREFILL_CHUNK = 2048  # long prompts are prefilled in chunks: attention memory stays linear
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None) -> Tensor:
+    """logits: (B, V) float32 -> next tokens (B,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    probs = logits.softmax(-1)
+    # Exponential race instead of torch.multinomial: same distribution, no host sync.
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+
+
+def prefill(model: Transformer, prompt: list[int], row: int) -> Tensor:
+    """Runs one prompt through cache row `row`, in chunks. Returns the last logits (V,)."""
+    device = model.output.weight.device
+    rows = torch.tensor([row], device=device)
+    ids = torch.tensor(prompt, device=device)[None]  # (1, T)
+    for start in range(0, len(prompt), PREFILL_CHUNK):
+        chunk = ids[:, start:start + PREFILL_CHUNK]
+        pos = torch.arange(start, start + chunk.shape[1], device=device)[None]
+        logits = model(chunk, pos, rows)
+    return logits[0, -1]
+
+
+def decode_one_token(model: Transformer, tokens: Tensor, input_pos: Tensor, temperature: float,
+                     top_k: int | None, top_p: float | None) -> Tensor:
+    """tokens, input_pos: (B, 1) -> next tokens (B, 1)."""
+    logits = model(tokens, input_pos)  # (B, 1, V)
+    return sample(logits[:, -1], temperature, top_k, top_p)[:, None]
+
+
+def compiled_decode():
+    """decode_one_token compiled whole into one CUDA graph (gpt-fast's settings)."""
+    torch._inductor.config.coordinate_descent_tuning = True
+    torch._inductor.config.triton.unique_kernel_names = True
+    torch._inductor.config.fx_graph_cache = True
+    return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             stop_ids=(), on_token=None, decode_fn=decode_one_token, prefill_fn=prefill, make_cache=None):
+    """Generates up to max_new_tokens for each prompt (one cache row each).
+
+    Returns (outputs, stats): outputs[i] is the list of new tokens of prompt i, up to and including
+    its stop token; stats holds timings. on_token(row, token) is called as tokens are produced.
+    """
+    device = model.output.weight.device
+    B = len(prompts)
+    max_len = max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("empty prompt: give at least one token.")
+    context = model.args.max_position_embeddings
+    if max_len + max_new_tokens > context:
+        raise ValueError(f"prompt of {max_len} tokens + {max_new_tokens} new tokens exceeds the model's "
+                         f"context of {context} tokens; shorten the prompt or lower --max_new_tokens.")
+    model.setup_caches(B, max_len + max_new_tokens, make_cache)
+
+    t0 = time.perf_counter()
+    first = torch.stack([sample(prefill_fn(model, p, i)[None], temperature, top_k, top_p)[0]
+                         for i, p in enumerate(prompts)])  # (B,)
+    synchronize(device)
+    ttft = time.perf_counter() - t0
+
+    stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
+    tokens = first[:, None]  # (B, 1)
+    pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]  # (B, 1)
+    done = torch.isin(tokens[:, 0], stop)
+    n_new = torch.ones(B, dtype=torch.long, device=device)  # tokens kept per row
+    history = [tokens]
+    if on_token:
+        for i, t in enumerate(tokens[:, 0].tolist()):
+            on_token(i, t)
+    t1 = time.perf_counter()
+    steps = 0
+    for step in range(1, max_new_tokens):
+        if on_token or step % 16 == 0:  # a host sync only when someone looks
+            if bool(done.all()):
+                break
+        tokens = decode_fn(model, tokens, pos, temperature, top_k, top_p).clone()
+        pos = pos + 1
+        steps += 1
+        n_new += ~done
+        history.append(tokens)
+        if on_token:
+            for i, (t, d) in enumerate(zip(tokens[:, 0].tolist(), done.tolist())):
+                if not d:
+                    on_token(i, t)
+        done = done | torch.isin(tokens[:, 0], stop)
+    synchronize(device)
+    decode_time = time.perf_counter() - t1
+
+    all_tokens = torch.cat(history, dim=1).tolist()  # (B, steps + 1)
+    outputs = [row[:n] for row, n in zip(all_tokens, n_new.tolist())]
+    stats = {"ttft_s": ttft, "decode_s": decode_time, "decode_steps": steps,
+             "new_tokens": sum(len(o) for o in outputs), "batch_size": B}
+    return outputs, stats
+
+
+def model_bytes_per_step(model: Transformer) -> int:
+    """Weight bytes one decode step reads: every matrix, but only B rows of an untied embedding."""
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    if not model.args.tie_word_embeddings:
+        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    return total
+
+
+def kv_bytes_per_step(model: Transformer) -> int:
+    return sum(layer.attention.kv_cache.bytes_read_per_step() for layer in model.layers)
+
+
+def report(stats: dict, model: Transformer, device) -> str:
+    steps, dt = stats["decode_steps"], stats["decode_s"]
+    B = stats["batch_size"]
+    lines = [f"time to first token: {stats['ttft_s'] * 1000:.1f} ms (prefill of {B} prompt(s))"]
+    if steps > 0 and dt > 0:
+        step_s = dt / steps
+        bytes_step = model_bytes_per_step(model) + kv_bytes_per_step(model)
+        lines += [f"decode: {steps} steps, {step_s * 1000:.2f} ms/step, {1 / step_s:.1f} tokens/s per "
+                  f"sequence, {B / step_s:.1f} tokens/s total",
+                  f"effective bandwidth: {bytes_step / step_s / 1e9:.1f} GB/s (weights "
+                  f"{model_bytes_per_step(model) / 1e9:.2f} GB + KV cache read {kv_bytes_per_step(model) / 1e9:.3f} GB per step)"]
+    lines.append(f"KV cache allocated: {model.kv_cache_bytes() / 2**20:.1f} MiB")
+    if torch.device(device).type == "cuda":
+        lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+    else:
+        lines.append(f"peak process memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="converted checkpoint folder (default: SmolLM2-135M-Instruct, converted once into checkpoints/)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text, @file, or an integer N for a synthetic prompt of N tokens; repeat for a batch of different prompts")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat format")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--batch_size", type=int, default=None, help="default: the number of prompts (prompts are cycled to fill it)")
+    p.add_argument("--num_samples", type=int, default=1, help="generate this many times (the first warms up --compile)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (reduce-overhead, full graph)")
+    p.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args(argv)
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append("--max_new_tokens must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        problems.append("--batch_size must be at least 1")
+    if args.num_samples < 1:
+        problems.append("--num_samples must be at least 1")
+    if args.temperature < 0:
+        problems.append("--temperature must be >= 0 (0 means greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        problems.append("--top_k must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        problems.append("--top_p must be in (0, 1]")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        problems.append(f"--device {args.device!r} is not a device (try cpu or cuda)")
+    else:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            problems.append("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+    if problems:
+        p.error("; ".join(problems))
+    if args.dtype is None:
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    return args
+
+
+def read_prompt(spec: str, tokenizer, chat: bool, vocab_size: int, gen: torch.Generator) -> list[int]:
+    if spec.isdigit():  # a synthetic prompt of that many random tokens, for throughput runs
+        return torch.randint(0, vocab_size, (int(spec),), generator=gen).tolist()
+    if spec.startswith("@"):
+        path = Path(spec[1:])
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} not found")
+        spec = path.read_text()
+    return tokenizer.encode_prompt(spec, chat=chat)
+
+
+class Streamer:
+    """Prints the text of one sequence as its tokens arrive, holding back incomplete characters."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], 0
+
+    def __call__(self, row: int, token: int):
+        if token in self.tokenizer.stop_ids:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[self.printed:], end="", flush=True)
+            self.printed = len(text)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from tokenizer import load_tokenizer
+    if args.checkpoint is None:
+        from convert_hf_checkpoint import ensure_default_checkpoint
+        args.checkpoint = ensure_default_checkpoint()
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    t = time.perf_counter()
+    model = load_model(args.checkpoint, device, getattr(torch, args.dtype))
+    tokenizer = load_tokenizer(args.checkpoint)
+    print(f"loaded {args.checkpoint} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+
+    gen = torch.Generator().manual_seed(args.seed)
+    specs = args.prompt or ["Hello, my name is"]
+    prompts = [read_prompt(s, tokenizer, args.chat, model.args.vocab_size, gen) for s in specs]
+    B = args.batch_size or len(prompts)
+    prompts = [prompts[i % len(prompts)] for i in range(B)]
+
+    decode_fn, prefill_fn = decode_one_token, prefill
+    if args.compile:
+        decode_fn = compiled_decode()
+    if args.compile_prefill:
+        prefill_fn = torch.compile(prefill, dynamic=True)
+
+    for i in range(args.num_samples):
+        stream = Streamer(tokenizer) if B == 1 else None
+        outputs, stats = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids,
+                                  on_token=stream, decode_fn=decode_fn, prefill_fn=prefill_fn)
+        if stream is None:
+            for row, out in enumerate(outputs):
+                text = tokenizer.decode([t for t in out if t not in tokenizer.stop_ids])
+                print(f"--- sequence {row} ({len(out)} tokens) ---\n{text}")
+        print(f"\n--- sample {i + 1}/{args.num_samples}" + (" (includes compilation)" if args.compile and i == 0 else ""),
+              file=sys.stderr)
+        print(report(stats, model, device), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "out of memory" not in str(e).lower():
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

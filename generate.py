@@ -237,8 +237,13 @@ class Streamer:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
         if not text.endswith("\ufffd"):
-            print(text[self.printed:], end="", flush=True)
-            self.printed = len(text)
+            self.flush(text)
+
+    def flush(self, text: str | None = None):
+        """Prints what is not printed yet; at the end, a cut-off character too (as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids) if text is None else text
+        print(text[self.printed:], end="", flush=True)
+        self.printed = len(text)
 
 
 def main(argv=None):
@@ -271,7 +276,10 @@ def main(argv=None):
         outputs, stats = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids,
                                   on_token=stream, decode_fn=decode_fn, prefill_fn=prefill_fn)
-        if stream is None:
+        if stream is not None:
+            stream.flush()
+            print()
+        else:
             for row, out in enumerate(outputs):
                 text = tokenizer.decode([t for t in out if t not in tokenizer.stop_ids])
                 print(f"--- sequence {row} ({len(out)} tokens) ---\n{text}")

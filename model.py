@@ -159,7 +159,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     q = q.reshape(B, Hkv, G * T, D)  # head h = kv_head * G + g (the Hugging Face grouping)
     mask = mask[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return y.view(B, H, T, D)
+    return y.reshape(B, H, T, D)  # CUDA SDPA may return a non-contiguous output
 
 
 class KVCache(nn.Module):

@@ -1,0 +1,283 @@
+"""SALS: sparse attention in latent space (spec: ../shared/SALS.md), the compressed KV cache of one layer.
+
+Keys are kept only as low-rank latents of the pre-RoPE keys (all KV heads concatenated, projected on
+the calibrated basis U); values are quantized per token in groups of 32. A decode step ranks every
+compressed token with a RoPE-free latent dot product, keeps the top ones within the budget, rebuilds
+only those keys, rotates them at their original positions and attends over sinks + window + selected.
+Plain PyTorch, the reference for CPU and GPU; the decode step has static shapes and no host sync.
+
+    cfg = setup_sals(model, batch_size, max_seq_length, SALSConfig.preset(0.125),
+                     calibrate.load_calibration(path, model))
+"""
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies
+
+GROUP = 32  # value channels sharing one scale and zero
+
+
+@dataclass(frozen=True)
+class SALSConfig:
+    rank_fraction: float = 0.25  # r = round(D * rank_fraction), D = n_kv_head * head_dim
+    rank: int | None = None  # r itself, overrides rank_fraction
+    score_dims: int | None = None  # r*, latent coordinates used for ranking; default r // 2
+    value_bits: int = 4  # 2, 4, or 16 (values stored unquantized in the model dtype)
+    sparsity: float = 1 / 8  # attended share of the context, sinks and window included
+    sink: int = 16
+    window: int = 64
+    dense_layers: tuple[int, ...] | None = None  # layers keeping a dense KVCache; None: (0, 1, L-1)
+    selector: str = "latent"  # "oracle": exact top-k by true post-RoPE logits (evaluation only)
+
+    @classmethod
+    def preset(cls, fraction: float, **overrides) -> "SALSConfig":
+        """The paper's settings: SALS-25% (4-bit values) and SALS-12.5% (2-bit values)."""
+        bits = {0.25: 4, 0.125: 2}.get(fraction)
+        if bits is None:
+            raise ValueError(f"no SALS preset {fraction!r}: the presets are 0.25 and 0.125; build "
+                             f"SALSConfig(rank_fraction=..., value_bits=...) for other settings.")
+        return replace(cls(rank_fraction=fraction, value_bits=bits), **overrides)
+
+    def resolve(self, args: ModelArgs, r_max: int) -> "SALSConfig":
+        """A copy with rank, score_dims and dense_layers made concrete for this model; r_max: how many
+        eigenvectors the calibration keeps. Raises ValueError naming what is wrong."""
+        D, L = args.n_kv_head * args.head_dim, args.n_layer
+
+        def check(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"invalid SALS config: {msg}")
+        if self.rank is None:
+            check(0 < self.rank_fraction <= 1, f"rank_fraction {self.rank_fraction} is not in (0, 1].")
+        r = self.rank if self.rank is not None else max(1, round(D * self.rank_fraction))
+        check(1 <= r <= r_max, f"rank {r} is outside 1..{r_max} (the calibration keeps {r_max} eigenvectors "
+                               f"of the {D}-wide keys); choose a smaller rank or rank_fraction.")
+        rs = self.score_dims if self.score_dims is not None else max(1, r // 2)
+        check(1 <= rs <= r, f"score_dims {rs} is outside 1..rank ({r}).")
+        check(self.value_bits in (2, 4, 16), f"value_bits {self.value_bits} is not one of 2, 4, 16.")
+        check(self.value_bits == 16 or args.head_dim % GROUP == 0,
+              f"{self.value_bits}-bit values are quantized in groups of {GROUP} channels, but head_dim "
+              f"{args.head_dim} is not a multiple of {GROUP}; use value_bits=16.")
+        check(0 < self.sparsity <= 1, f"sparsity {self.sparsity} is not in (0, 1].")
+        check(self.sink >= 0 and self.window >= 1, f"need sink >= 0 and window >= 1 (got sink {self.sink}, "
+                                                   f"window {self.window}).")
+        dense = self.dense_layers if self.dense_layers is not None else {0, 1, L - 1} & set(range(L))
+        check(all(0 <= i < L for i in dense), f"dense_layers {sorted(dense)} must be layer ids in 0..{L - 1}.")
+        check(self.selector in ("latent", "oracle"), f"selector {self.selector!r} is not 'latent' or 'oracle'.")
+        return replace(self, rank=r, score_dims=rs, dense_layers=tuple(sorted(set(dense))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Value quantization: asymmetric, round to nearest, groups of 32 channels, bit-packed into uint8.
+
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit type of scales and zeros: the model's own, else bfloat16 (whose range fits float32's)."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _round_toward(x: Tensor, dtype: torch.dtype, direction: float) -> Tensor:
+    """float32 x in a 16-bit dtype, rounded toward direction (-inf or +inf) instead of to nearest."""
+    y = x.to(dtype)
+    off = y.float() > x if direction < 0 else y.float() < x
+    return torch.where(off, torch.nextafter(y, torch.full_like(y, direction)), y)
+
+
+def quantize_values(v: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """v (..., Dh) -> packed (..., Dh*bits/8) uint8, scale and zero (..., Dh/32) 16-bit, with
+    v ~ q * scale + zero, q in [0, 2^bits - 1] (element i of a byte's 8/bits lives at bit bits*i).
+    zero is rounded down and scale up to 16 bits before q is chosen, so each group's grid covers all of
+    its values and |v - dequantize_values(...)| <= scale / 2 per element (up to float32 rounding)."""
+    if bits not in (2, 4):
+        raise ValueError(f"values are quantized to 2 or 4 bits, not {bits}.")
+    if v.shape[-1] % GROUP:
+        raise ValueError(f"the last dimension ({v.shape[-1]}) must be a multiple of {GROUP}.")
+    levels, sdt = 2 ** bits - 1, scale_dtype(v.dtype)
+    g = v.float().unflatten(-1, (-1, GROUP))  # (..., Dh/32, 32)
+    zero = _round_toward(g.amin(-1), sdt, -math.inf)
+    span = (g.amax(-1) - zero.float()) / levels
+    scale = _round_toward(span.clamp(min=torch.finfo(sdt).tiny), sdt, math.inf)
+    q = ((g - zero.float()[..., None]) / scale.float()[..., None]).round().clamp(0, levels).to(torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=v.device)
+    packed = (q.flatten(-2).unflatten(-1, (-1, 8 // bits)) << shifts).sum(-1, dtype=torch.uint8)
+    return packed, scale, zero
+
+
+def dequantize_values(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, dtype=torch.float32) -> Tensor:
+    """Inverse of quantize_values: (..., Dh*bits/8) uint8 + (..., Dh/32) scale, zero -> (..., Dh) dtype."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    q = ((packed[..., None] >> shifts) & (2 ** bits - 1)).flatten(-2).unflatten(-1, (-1, GROUP))
+    return (q.float() * scale.float()[..., None] + zero.float()[..., None]).flatten(-2).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache.
+
+def _put(buf: Tensor, b: Tensor, idx: Tensor, val: Tensor, ok: Tensor):
+    """buf[b, idx] = val where ok; b, idx, ok (n, T), val (n, T, ...). One token per row (decode) keeps
+    static shapes and no host sync; a chunk drops the masked tokens instead (they may share a slot)."""
+    if idx.shape[1] == 1:
+        ok = ok.view(ok.shape + (1,) * (val.dim() - 2))
+        buf[b, idx] = torch.where(ok, val, buf[b, idx])
+    else:
+        buf[b[ok], idx[ok]] = val[ok]
+
+
+class SALSCache(nn.Module):
+    """One layer's SALS cache; same interface as model.KVCache. Buffers are token-major (B, S, ...):
+    every token at position >= sink is compressed when it arrives (latent key + quantized value), and
+    also kept at full precision, post-RoPE, while in the window ring (slot (pos - sink) % window)."""
+
+    def __init__(self, cfg: SALSConfig, args: ModelArgs, batch_size: int, max_seq_length: int, U: Tensor):
+        super().__init__()
+        if cfg.rank is None:
+            raise ValueError("SALSCache needs a resolved config: cfg.resolve(args, r_max).")
+        B, S, Hkv, Dh = batch_size, max_seq_length, args.n_kv_head, args.head_dim
+        r, rs = cfg.rank, cfg.score_dims
+        if tuple(U.shape) != (Hkv * Dh, r):
+            raise ValueError(f"U has shape {tuple(U.shape)}, expected (n_kv_head * head_dim, rank) = "
+                             f"({Hkv * Dh}, {r}).")
+        self.n_kv_head, self.head_dim, self.G, self.rs = Hkv, Dh, args.n_head // Hkv, rs
+        self.n_sink, self.window, self.bits, self.sparsity = cfg.sink, cfg.window, cfg.value_bits, cfg.sparsity
+        self.oracle = cfg.selector == "oracle"
+        self.k_max = max(0, math.ceil(cfg.sparsity * S) - cfg.sink - cfg.window)  # static top-k width
+        dt, sdt = U.dtype, scale_dtype(U.dtype)
+        q_width = Dh if cfg.value_bits == 16 else Dh * cfg.value_bits // 8
+        full = lambda n: torch.zeros(B, n, Hkv, Dh, dtype=dt)  # noqa: E731
+        buffers = {
+            "U": U,  # (D, r)
+            "inv_freq": rope_frequencies(args),  # (Dh/2,) float64: RoPE at any position, as the model's table
+            "k_lat_score": torch.zeros(B, S, rs, dtype=dt),  # latent prefix read by the ranking
+            "k_lat_rest": torch.zeros(B, S, r - rs, dtype=dt),
+            "v_q": torch.zeros(B, S, Hkv, q_width, dtype=dt if cfg.value_bits == 16 else torch.uint8),
+            "v_scale": None if cfg.value_bits == 16 else torch.zeros(B, S, Hkv, Dh // GROUP, dtype=sdt),
+            "v_zero": None if cfg.value_bits == 16 else torch.zeros(B, S, Hkv, Dh // GROUP, dtype=sdt),
+            "sink_k": full(cfg.sink), "sink_v": full(cfg.sink),  # post-RoPE, positions < sink
+            "win_k": full(cfg.window), "win_v": full(cfg.window),  # post-RoPE ring
+            "window_pos": torch.full((B, cfg.window), -1, dtype=torch.int32),  # position in each slot, -1 empty
+            "k_full": full(S) if self.oracle else None,  # oracle only: exact post-RoPE keys for the ranking
+        }
+        for name, t in buffers.items():
+            self.register_buffer(name, t, persistent=False)
+
+    def bytes_allocated(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor,
+                rows: Tensor | None = None) -> Tensor:
+        """q (b, H, T, Dh), k, v (b, Hkv, T, Dh) pre-RoPE; input_pos (b, T); rows (b,) or None (all rows).
+        Returns (b, H, T, Dh). T > 1 is a prefill chunk; T == 1 is the SALS decode step below."""
+        b = torch.arange(q.shape[0], device=q.device) if rows is None else rows
+        q_rope, k_rope = apply_rope(q, rope), apply_rope(k, rope)
+        if q.shape[2] > 1:
+            y = self.prefill(q_rope, k_rope, v, input_pos, b)
+            self.write(b, k, k_rope, v, input_pos)
+            return y
+        self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
+        idx, keep = self.select(q, q_rope, input_pos, rows)  # 2-4. rank, top-k within the budget
+        K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, idx)], 1)  # 5. (b, n, Hkv, Dh)
+        V = torch.cat([self.sink_v[b], self.win_v[b], self.values(b, idx)], 1)
+        sink_ok = torch.arange(self.n_sink, device=q.device) <= input_pos  # (b, n_sink)
+        mask = torch.cat([sink_ok, self.window_pos[b] >= 0, keep], 1)  # (b, n)
+        return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask[:, None])  # 6.
+
+    def scores(self, q: Tensor, q_rope: Tensor, rows: Tensor | None) -> Tensor:
+        """Steps 2-3: the ranking score (b, S) of every cache position (unwritten ones are garbage).
+        Latent: q_lat = (each KV group's G query heads summed, pre-RoPE, concatenated to width D) @ U[:, :r*],
+        exactly the sum over heads of q.k when r* = D; oracle: the sum over heads of the true post-RoPE q.k."""
+        if self.oracle:
+            k_full = self.k_full if rows is None else self.k_full[rows]
+            q_sum = q_rope[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
+            return torch.einsum("bshd,bhd->bs", k_full, q_sum)
+        q_sum = q[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh), pre-RoPE
+        q_lat = q_sum.flatten(1) @ self.U[:, :self.rs]  # (b, r*)
+        k_lat = self.k_lat_score if rows is None else self.k_lat_score[rows]  # (b, S, r*)
+        return (k_lat @ q_lat[:, :, None])[..., 0]
+
+    def select(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Step 4: positions (b, k_max) of the top compressed tokens sink <= j <= pos - window, and which of
+        them are attended (b, k_max): the first floor(sparsity * (pos+1)) - sink - window of each row."""
+        s = self.scores(q, q_rope, rows)
+        j = torch.arange(s.shape[1], device=s.device)
+        s = s.masked_fill((j < self.n_sink) | (j > input_pos - self.window), -math.inf)
+        top, idx = s.topk(self.k_max, dim=-1)
+        n_b = torch.floor((input_pos + 1).double() * self.sparsity).long() - self.n_sink - self.window  # (b, 1)
+        return idx, (torch.arange(self.k_max, device=s.device) < n_b) & (top > -math.inf)
+
+    def keys(self, b: Tensor, idx: Tensor) -> Tensor:
+        """Post-RoPE keys (n, k, Hkv, Dh) of positions idx (n, k) of rows b, rebuilt from their latents
+        and rotated at their ORIGINAL positions."""
+        lat = torch.cat([self.k_lat_score[b[:, None], idx], self.k_lat_rest[b[:, None], idx]], -1)  # (n, k, r)
+        k = (lat @ self.U.T).unflatten(-1, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
+        angles = idx[..., None].double() * self.inv_freq  # (n, k, Dh/2)
+        return apply_rope(k, torch.stack([angles.cos(), angles.sin()], -1).float()).transpose(1, 2)
+
+    def values(self, b: Tensor, idx: Tensor) -> Tensor:
+        """Values (n, k, Hkv, Dh) of positions idx (n, k) of rows b."""
+        v_q = self.v_q[b[:, None], idx]
+        if self.bits == 16:
+            return v_q
+        scale, zero = self.v_scale[b[:, None], idx], self.v_zero[b[:, None], idx]
+        return dequantize_values(v_q, scale, zero, self.bits, self.U.dtype)
+
+    def write(self, b: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor):
+        """Stores tokens (b, T): latent key and quantized value of all; full-precision post-RoPE copies in
+        the sinks (pos < sink) and in the window ring (the last `window` tokens at pos >= sink)."""
+        bt = b[:, None].expand_as(input_pos)  # (b, T)
+        wp = self.window_pos[b]  # slots at positions >= this call's first one hold an earlier sequence of the row
+        self.window_pos[b] = torch.where(wp >= input_pos[:, :1], -1, wp)
+        lat = k.transpose(1, 2).flatten(2) @ self.U  # (b, T, r): KV heads concatenated, pre-RoPE
+        self.k_lat_score[bt, input_pos], self.k_lat_rest[bt, input_pos] = lat[..., :self.rs], lat[..., self.rs:]
+        kt, vt = k_rope.transpose(1, 2), v.transpose(1, 2)  # (b, T, Hkv, Dh)
+        if self.bits == 16:
+            self.v_q[bt, input_pos] = vt
+        else:
+            packed, scale, zero = quantize_values(vt, self.bits)
+            self.v_q[bt, input_pos], self.v_scale[bt, input_pos], self.v_zero[bt, input_pos] = packed, scale, zero
+        if self.oracle:
+            self.k_full[bt, input_pos] = kt
+        if self.n_sink:
+            sink, ok = input_pos.clamp(max=self.n_sink - 1), input_pos < self.n_sink
+            _put(self.sink_k, bt, sink, kt, ok)
+            _put(self.sink_v, bt, sink, vt, ok)
+        slot = (input_pos - self.n_sink) % self.window
+        ok = (input_pos >= self.n_sink) & (input_pos > input_pos[:, -1:] - self.window)
+        _put(self.win_k, bt, slot, kt, ok)
+        _put(self.win_v, bt, slot, vt, ok)
+        _put(self.window_pos, bt, slot, input_pos.int(), ok)
+
+    def prefill(self, q_rope: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor, b: Tensor) -> Tensor:
+        """Dense causal attention of a chunk over its past and itself, before the chunk is written: sinks
+        and window at full precision, older tokens rebuilt from the compressed cache, the chunk exact."""
+        p0 = input_pos[:, :1]  # (b, 1) each row's first position in this chunk
+        n_old = max(0, int(p0.max()) - self.window)  # host sync: prefill only
+        old = torch.arange(n_old, device=p0.device).expand(len(b), n_old)  # (b, n_old)
+        K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, old), k_rope.transpose(1, 2)], 1)
+        V = torch.cat([self.sink_v[b], self.win_v[b], self.values(b, old), v.transpose(1, 2)], 1)
+        wp = self.window_pos[b]
+        past = torch.cat([torch.arange(self.n_sink, device=p0.device) < p0, (wp >= 0) & (wp < p0),
+                          (old >= self.n_sink) & (old < p0 - self.window)], 1)  # (b, n_past)
+        causal = input_pos[:, None, :] <= input_pos[:, :, None]  # (b, T, T)
+        mask = torch.cat([past[:, None].expand(-1, input_pos.shape[1], -1), causal], -1)
+        return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask)
+
+
+def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, calib: dict) -> SALSConfig:
+    """Allocates the model's caches: model.KVCache in cfg's dense layers, SALSCache in the others with
+    U = the layer's top-r calibrated eigenvectors (calib: the dict of calibrate.load_calibration).
+    Returns the resolved config."""
+    a = model.args
+    D, vecs = a.n_kv_head * a.head_dim, calib["eigvecs"]
+    if len(vecs) != a.n_layer or any(vec.ndim != 2 or vec.shape[0] != D for vec in vecs):
+        raise ValueError(f"the calibration holds {len(vecs)} bases, the model needs {a.n_layer} of {D} rows; "
+                         f"recalibrate with `python calibrate.py --checkpoint DIR`.")
+    cfg = cfg.resolve(a, vecs[0].shape[1])
+
+    def make_cache(i, args, B, S, dtype):
+        if i in cfg.dense_layers:
+            return KVCache(B, S, args.n_kv_head, args.head_dim, dtype)
+        return SALSCache(cfg, args, B, S, vecs[i][:, :cfg.rank].to(dtype))
+    model.setup_caches(batch_size, max_seq_length, make_cache)
+    return cfg

@@ -1,0 +1,210 @@
+"""generate.py and the dense decode path, on the real SmolLM2 and on small random models."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from generate import Streamer, decode_one_token, generate, prefill, sample
+from model import ModelArgs, Transformer, load_model
+from tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir):
+    return load_model(smollm2_dir, "cpu", torch.float32), load_tokenizer(smollm2_dir)
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def random_model(n_kv_head=2, seed=0):
+    torch.manual_seed(seed)
+    args = ModelArgs.from_config(dict(model_type="llama", hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=n_kv_head, intermediate_size=128, vocab_size=97,
+                                      max_position_embeddings=512))
+    model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+@torch.no_grad()
+def test_incremental_decode_equals_full_forward_random(n_kv_head):
+    model = random_model(n_kv_head)
+    ids = torch.randint(0, 97, (2, 90))
+    pos = torch.arange(90).expand(2, 90)
+    model.setup_caches(2, 128)
+    full = model(ids, pos)
+    model.setup_caches(2, 128)
+    steps = [model(ids[:, :50], pos[:, :50])] + [model(ids[:, t:t + 1], pos[:, t:t + 1]) for t in range(50, 90)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_incremental_decode_equals_full_forward_smollm2(smol, shared_data):
+    model, tok = smol
+    ids = torch.tensor(tok.encode((shared_data / "pride_and_prejudice.txt").read_text()[5000:6000])[:120])[None]
+    pos = torch.arange(ids.shape[1])[None]
+    model.setup_caches(1, 256)
+    full = model(ids, pos)
+    model.setup_caches(1, 256)
+    steps = [model(ids[:, :80], pos[:, :80])] + [model(ids[:, t:t + 1], pos[:, t:t + 1]) for t in range(80, 120)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_one_pass(monkeypatch):
+    model = random_model()
+    prompt = torch.randint(0, 97, (300,)).tolist()
+    model.setup_caches(1, 400)
+    whole = prefill(model, prompt, 0)
+    monkeypatch.setattr("generate.PREFILL_CHUNK", 64)
+    model.setup_caches(1, 400)
+    torch.testing.assert_close(prefill(model, prompt, 0), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_of_different_lengths_equals_each_alone(smol):
+    model, tok = smol
+    texts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
+             "def fibonacci(n):"]
+    prompts = [tok.encode_prompt(t) for t in texts]
+    assert len({len(p) for p in prompts}) == 3
+    batch, _ = generate(model, prompts, 24, temperature=0)
+    for prompt, out in zip(prompts, batch):
+        alone, _ = generate(model, [prompt], 24, temperature=0)
+        assert out == alone[0]
+
+
+def test_each_sequence_stops_at_its_own_stop_token(smol):
+    model, tok = smol
+    prompts = [tok.encode_prompt("The capital of France is"), tok.encode_prompt("One, two, three,")]
+    free, _ = generate(model, prompts, 16, temperature=0)
+    # Pretend the first token of row 0 that row 1 never produces ends a sequence.
+    i = next(i for i, t in enumerate(free[0]) if i > 0 and t not in free[1])
+    stopped, _ = generate(model, prompts, 16, temperature=0, stop_ids={free[0][i]})
+    assert stopped[0] == free[0][:i + 1]
+    assert stopped[1] == free[1]
+
+
+def test_streamed_text_equals_final_text(smol, capsys):
+    model, tok = smol
+    stream = Streamer(tok)
+    out, _ = generate(model, [tok.encode_prompt("Café, naïve, 東京 and 🙂 are", chat=True)], 30,
+                      temperature=0, stop_ids=tok.stop_ids, on_token=stream)
+    stream.flush()
+    assert capsys.readouterr().out == tok.decode([t for t in out[0] if t not in tok.stop_ids])
+
+
+def test_sample_respects_top_k_and_top_p():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample(logits, 0.0), logits.argmax(-1))
+    top5 = logits.topk(5).indices
+    draws = torch.stack([sample(logits, 1.0, top_k=5) for _ in range(200)], 1)  # (4, 200)
+    assert all(set(draws[b].tolist()) <= set(top5[b].tolist()) for b in range(4))
+    probs = logits.softmax(-1)
+    for b in range(4):  # brute force: the smallest set of most likely tokens whose mass reaches 0.5
+        order = probs[b].argsort(descending=True).tolist()
+        keep, mass = [], 0.0
+        for t in order:
+            keep.append(t)
+            mass += probs[b, t].item()
+            if mass >= 0.5:
+                break
+        got = {sample(logits[b:b + 1], 1.0, top_p=0.5).item() for _ in range(300)}
+        assert got <= set(keep) and len(got) > 0
+
+
+def test_sampling_is_reproducible_and_matches_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    torch.manual_seed(1)
+    draws = torch.stack([sample(logits, 1.0) for _ in range(4000)]).flatten()
+    freq = torch.bincount(draws, minlength=3).float() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.03, rtol=0)
+
+
+def test_cli_answers_paris(smollm2_dir):
+    r = run_cli("--chat", "--prompt", "What is the capital of France?", "--temperature", "0", "--device", "cpu",
+                "--max_new_tokens", "40")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    for metric in ("time to first token", "tokens/s per sequence", "tokens/s total", "effective bandwidth",
+                   "KV cache", "peak"):
+        assert metric in r.stderr
+
+
+def test_cli_batch_of_prompts(smollm2_dir):
+    r = run_cli("--checkpoint", str(smollm2_dir), "--prompt", "The capital of France is", "--prompt", "2 + 2 =",
+                "--batch_size", "3", "--temperature", "0", "--max_new_tokens", "8", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("--- sequence") == 3
+
+
+def assert_clean_error(r, *words):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+def test_cli_missing_checkpoint(tmp_path):
+    assert_clean_error(run_cli("--checkpoint", str(tmp_path / "nope"), "--device", "cpu"), "does not exist")
+
+
+def test_cli_corrupt_weights(smollm2_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in smollm2_dir.iterdir():
+        if f.name != "model.pth":
+            (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "model.pth").write_bytes((smollm2_dir / "model.pth").read_bytes()[:1_000_000])  # truncated
+    assert_clean_error(run_cli("--checkpoint", str(bad), "--device", "cpu"), "corrupt", "convert_hf_checkpoint")
+
+
+def test_cli_unsupported_architecture(smollm2_dir, tmp_path):
+    bad = tmp_path / "bias"
+    bad.mkdir()
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, attention_bias=True)))
+    assert_clean_error(run_cli("--checkpoint", str(bad), "--device", "cpu"), "attention biases")
+
+
+def test_cli_prompt_longer_than_context(smollm2_dir):
+    assert_clean_error(run_cli("--prompt", "8200", "--max_new_tokens", "4", "--device", "cpu"),
+                       "exceeds the model's context of 8192")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--temperature", "-1"], ["--temperature"]),
+    (["--top_p", "1.5"], ["--top_p"]),
+    (["--max_new_tokens", "0"], ["--max_new_tokens"]),
+    (["--device", "cuda"], ["no CUDA GPU"]),
+    (["--dtype", "int3"], ["--dtype"]),
+    (["--bogus"], ["unrecognized arguments"]),
+])
+def test_cli_nonsense_flags(flags, words):
+    assert_clean_error(run_cli(*flags, timeout=60), *words)
+
+
+def test_decode_bench_smoke():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "decode_bench.py"), "--shape", "tiny", "--prompt", "32",
+                        "--batch", "2", "--steps", "4", "--device", "cpu", "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = [line for line in r.stdout.splitlines() if line.startswith("| tiny |")][-1]
+    assert float(row.split("|")[4]) > 0  # ms / step
+
+
+def test_decode_step_without_host_sync_compiles_fullgraph():
+    model = random_model()
+    model.setup_caches(2, 64)
+    tokens, pos = torch.randint(0, 97, (2, 1)), torch.tensor([[3], [7]])
+    explanation = torch._dynamo.explain(decode_one_token)(model, tokens, pos, 0.0, None, None)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

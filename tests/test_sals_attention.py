@@ -1,0 +1,355 @@
+"""SALS cache (sals_attention.py) against dense attention, float64 brute force and hand-counted bytes."""
+import math
+
+import pytest
+import torch
+
+from model import KVCache, ModelArgs, Transformer, load_model, rope_frequencies, rope_table
+from sals_attention import SALSCache, SALSConfig, dequantize_values, quantize_values, setup_sals
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are tiny: a second thread only adds synchronisation (10-100x slower on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_args(n_layer=4, n_head=4, n_kv_head=2, head_dim=16, **kw) -> ModelArgs:
+    return ModelArgs(vocab_size=97, dim=64, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                     head_dim=head_dim, intermediate_size=96, max_position_embeddings=512, **kw)
+
+
+def orthonormal(D: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=gen))[0]
+
+
+def layer_args(n_head=4, n_kv_head=2) -> ModelArgs:
+    """Shapes of the single-layer tests: head_dim 8, and a low RoPE base so that rotations differ a lot."""
+    return small_args(n_head=n_head, n_kv_head=n_kv_head, head_dim=8, rope_base=100.0)
+
+
+def rope64(x: torch.Tensor, pos) -> torch.Tensor:
+    """RoPE by definition in float64 (rotate-half layout) at layer_args' frequencies: x (..., 8) at pos."""
+    angles = float(pos) * rope_frequencies(layer_args())
+    x1, x2 = x.double().chunk(2, -1)
+    return torch.cat([x1 * angles.cos() - x2 * angles.sin(), x2 * angles.cos() + x1 * angles.sin()], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole model: at full rank, sparsity 1 and 16-bit values SALS must equal dense attention.
+
+def run_model(model: Transformer, prompts: list[torch.Tensor], steps: torch.Tensor) -> torch.Tensor:
+    """Prefills each prompt in its own cache row (the second one, if long, in two chunks), then one 3-token
+    chunk of steps for all rows at once, then decodes all rows with the remaining steps (B, n_steps).
+    Returns the logits of every position, (n, V)."""
+    out = []
+    for i, p in enumerate(prompts):
+        cuts = [0, 20, len(p)] if i == 1 and len(p) > 20 else [0, len(p)]
+        for a, b in zip(cuts, cuts[1:]):
+            out.append(model(p[None, a:b], torch.arange(a, b)[None], rows=torch.tensor([i])))
+    pos = torch.tensor([[len(p)] for p in prompts]) + torch.arange(3)
+    out.append(model(steps[:, :3], pos))
+    for t in range(3, steps.shape[1]):
+        pos = pos[:, -1:] + 1
+        out.append(model(steps[:, t:t + 1], pos))
+    return torch.cat([o.flatten(0, 1) for o in out])
+
+
+def test_full_rank_full_budget_equals_dense_model():
+    torch.manual_seed(0)
+    args = small_args()
+    model = Transformer(args).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    D = args.n_kv_head * args.head_dim
+    calib = {"eigvecs": [orthonormal(D, gen).float() for _ in range(args.n_layer)]}
+    # Two rounds on the same cache rows: the second round's short prompts (6 tokens, and 1 token, which
+    # takes the decode path) must not see anything the longer first round left in the rows.
+    tokens = lambda *shape: torch.randint(0, 97, shape, generator=gen)  # noqa: E731
+    rounds = [([tokens(n) for n in lengths], tokens(2, n_steps)) for lengths, n_steps in [([23, 37], 43), ([6, 1], 12)]]
+    with torch.no_grad():
+        dense = []
+        for prompts, steps in rounds:
+            model.setup_caches(2, 96)
+            dense.append(run_model(model, prompts, steps))
+        cfg = SALSConfig(rank_fraction=1.0, value_bits=16, sparsity=1.0, sink=4, window=8, dense_layers=())
+        setup_sals(model, 2, 96, cfg, calib)
+        assert all(isinstance(layer.attention.kv_cache, SALSCache) for layer in model.layers)
+        sals = [run_model(model, prompts, steps) for prompts, steps in rounds]
+    for s, d in zip(sals, dense):
+        assert d.std() > 0.1
+        torch.testing.assert_close(s, d, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value quantization.
+
+def check_quantization(v: torch.Tensor, bits: int):
+    packed, scale, zero = quantize_values(v, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == v.shape[:-1] + (v.shape[-1] * bits // 8,)
+    assert packed.numel() * packed.element_size() == v.numel() * bits / 8
+    assert scale.element_size() == zero.element_size() == 2 and scale.shape == v.shape[:-1] + (v.shape[-1] // 32,)
+    deq = dequantize_values(packed, scale, zero, bits)
+    err = (deq - v.float()).abs().unflatten(-1, (-1, 32))
+    half_step = scale.float()[..., None] / 2
+    magnitude = v.float().abs().unflatten(-1, (-1, 32)) + zero.float()[..., None].abs()
+    slack = 4 * torch.finfo(torch.float32).eps * magnitude  # float32 rounding in (de)quantization
+    assert (err <= half_step + slack).all(), (err - half_step).max()
+    assert (err > half_step / 4).float().mean() > 0.2  # the bound is nearly reached: values really are rounded
+    # The bit layout, by definition: element i of a byte's 8/bits sits at bit bits*i.
+    per = 8 // bits
+    flat, s, z = (t.flatten(0, -2)[:3] for t in (packed, scale, zero))
+    for row in range(flat.shape[0]):
+        for i in range(v.shape[-1]):
+            q = (int(flat[row, i // per]) >> (bits * (i % per))) & (2 ** bits - 1)
+            expect = q * float(s[row, i // 32]) + float(z[row, i // 32])
+            assert math.isclose(deq.reshape(-1, v.shape[-1])[row, i], expect, rel_tol=1e-6, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_random_values(bits, dtype):
+    gen = torch.Generator().manual_seed(bits)
+    v = torch.randn(6, 3, 128, generator=gen) * torch.rand(6, 3, 128, generator=gen) * 5
+    v = v + torch.randn(6, 3, 1, generator=gen) * 20  # groups far from zero
+    v[0, 0, :32] = 1.5  # a constant group
+    v[0, 1, :32] = 100 + 0.01 * torch.randn(32, generator=gen)  # narrow and far from zero: 16-bit zero is coarse
+    check_quantization(v.to(dtype), bits)
+
+
+@pytest.fixture(scope="module")
+def real_values(smollm2_dir, shared_data):
+    """Values (pre-attention, as cached) of 6 layers of SmolLM2 on 400 tokens of real text."""
+    from tokenizer import load_tokenizer
+    text = (shared_data / "pride_and_prejudice.txt").read_text()[20000:24000]
+    ids = torch.tensor(load_tokenizer(smollm2_dir).encode(text)[:400])
+    model = load_model(smollm2_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.setup_caches(1, len(ids))
+        model(ids[None], torch.arange(len(ids))[None])
+    return torch.stack([model.layers[i].attention.kv_cache.v_cache[0] for i in (0, 3, 10, 17, 24, 29)])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantize_real_values(real_values, bits):
+    assert real_values.shape[-1] == 64 and real_values.abs().max() > 1
+    check_quantization(real_values, bits)
+    check_quantization(real_values.bfloat16(), bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single layers fed with random q, k, v, checked against brute force in float64.
+
+def feed_layer(cfg: SALSConfig, args: ModelArgs, lengths: list[int], n_steps: int, U: torch.Tensor, on_step,
+               S: int = 64, scale: float = 1.0):
+    """Fills a SALSCache (float64): row i prefilled with lengths[i] tokens (the last row in two chunks), then
+    n_steps decode steps of all rows. on_step(cache, q, y, pos, hist) after each step; hist[i] holds row i's
+    pre-RoPE (k, v) per position, each (Hkv, Dh)."""
+    gen = torch.Generator().manual_seed(7)
+    H, Hkv, Dh, B = args.n_head, args.n_kv_head, args.head_dim, len(lengths)
+    cfg = cfg.resolve(args, U.shape[0])
+    cache = SALSCache(cfg, args, B, S, U[:, :cfg.rank])
+    table = rope_table(args, S).double()
+    hist = [[] for _ in range(B)]
+
+    def step(rows, pos):  # pos (b, T)
+        q = torch.randn(len(pos), H, pos.shape[1], Dh, dtype=torch.float64, generator=gen) * scale
+        k = torch.randn(len(pos), Hkv, pos.shape[1], Dh, dtype=torch.float64, generator=gen) * scale
+        v = torch.randn(len(pos), Hkv, pos.shape[1], Dh, dtype=torch.float64, generator=gen)
+        for n, i in enumerate(range(len(pos)) if rows is None else rows.tolist()):
+            hist[i] += [(k[n, :, t], v[n, :, t]) for t in range(pos.shape[1])]
+        return q, cache(q, k, v, pos, table[pos], rows)
+    for i, n in enumerate(lengths):
+        cuts = [0, n] if i < B - 1 else [0, n // 2, n]
+        for a, b in zip(cuts, cuts[1:]):
+            step(torch.tensor([i]), torch.arange(a, b)[None])
+    for t in range(n_steps):
+        pos = torch.tensor(lengths)[:, None] + t
+        q, y = step(None, pos)
+        on_step(cache, q, y, pos, hist)
+    return cache
+
+
+def brute_selection(cfg: SALSConfig, q, pos: int, hist, U) -> set[int]:
+    """The positions SALS should select for one row, by definition, in float64 python loops."""
+    H, G = q.shape[0], q.shape[0] // hist[0][0].shape[0]
+    q_r = rope64(q, pos)
+    q_lat = torch.cat([q[h * G:(h + 1) * G].sum(0) for h in range(H // G)]) @ U[:, :cfg.score_dims]
+
+    def score(j):
+        if cfg.selector == "oracle":
+            return sum(float(q_r[h] @ rope64(hist[j][0][h // G], j)) for h in range(H))
+        return float(q_lat @ (hist[j][0].reshape(-1) @ U[:, :cfg.rank])[:cfg.score_dims])
+    n = math.floor(cfg.sparsity * (pos + 1)) - cfg.sink - cfg.window
+    candidates = sorted(range(cfg.sink, pos - cfg.window + 1), key=score, reverse=True)
+    return set(candidates[:max(n, 0)])
+
+
+@pytest.mark.parametrize("selector", ["latent", "oracle"])
+@pytest.mark.parametrize("heads", [(6, 2), (3, 3)])  # GQA with G = 3, and MHA
+def test_selection_equals_brute_force(selector, heads):
+    args = layer_args(*heads)
+    D = heads[1] * 8
+    U = orthonormal(D, torch.Generator().manual_seed(3))
+    cfg = SALSConfig(rank=D - 5, score_dims=4, value_bits=16, sparsity=0.3, sink=3, window=5, selector=selector)
+    rcfg = cfg.resolve(args, D)
+    checked = []
+
+    def on_step(cache, q, y, pos, hist):
+        idx, keep = cache.select(q, None if selector == "latent" else cache_rope(q, pos), pos, None)
+        for i in range(len(pos)):
+            p = int(pos[i])
+            chosen = idx[i][keep[i]].tolist()
+            assert len(chosen) == len(set(chosen)) and set(chosen) == brute_selection(rcfg, q[i, :, 0], p, hist[i], U)
+            sinks = set(range(min(3, p + 1)))
+            wp = cache.window_pos[i]
+            window = set(wp[wp >= 0].tolist())
+            assert window == set(range(max(3, p - 4), p + 1))  # the last 5 positions >= sink, the new one included
+            attended = sinks | window | set(chosen)
+            assert len(attended) == len(sinks) + len(window) + len(chosen)  # disjoint
+            assert len(attended) == max(math.floor(0.3 * (p + 1)), min(p + 1, 3 + 5))
+            checked.append(len(chosen))
+    feed_layer(cfg, args, [9, 17, 30], 30, U, on_step)
+    assert sum(checked) > 100 and 0 in checked  # positions with and without a selection were checked
+
+
+def cache_rope(q, pos):
+    return torch.cat([rope64(q[i, :, 0], int(pos[i]))[:, None] for i in range(len(pos))]).view(q.shape)
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (3, 3)])
+def test_group_summed_latent_query_is_exact_at_full_rank(heads):
+    """Step 2: with r* = r = D, q_lat . k_lat_j is the sum over query heads of the pre-RoPE logits."""
+    args = layer_args(*heads)
+    D, G = heads[1] * 8, heads[0] // heads[1]
+    U = orthonormal(D, torch.Generator().manual_seed(4))
+
+    def on_step(cache, q, y, pos, hist):
+        s = cache.scores(q, None, None)
+        for i in range(len(pos)):
+            for j in range(int(pos[i]) + 1):
+                ref = sum(float(q[i, h, 0] @ hist[i][j][0][h // G]) for h in range(heads[0]))
+                assert abs(float(s[i, j]) - ref) < 1e-9 * (1 + abs(ref))
+    feed_layer(SALSConfig(rank=D, score_dims=D, value_bits=16, sink=2, window=3), args, [5, 11], 4, U, on_step)
+
+
+def test_selected_keys_are_rotated_at_their_original_positions():
+    """The output of a sparse decode step equals float64 attention over exactly sinks + window + selection
+    with every key rotated at its own position; rotating the selected keys at their slot in the compacted
+    sequence instead gives a clearly different output, so this test would catch that mistake."""
+    args = layer_args()
+    D, G, Dh = 16, 2, 8
+    U = orthonormal(D, torch.Generator().manual_seed(5))
+    cfg = SALSConfig(rank=D, score_dims=8, value_bits=16, sparsity=0.25, sink=2, window=4).resolve(args, D)
+    gaps = []
+
+    def reference(q, sel, pos, hist, compact: bool):
+        window = range(max(2, pos - 3), pos + 1)
+        keys = [(j, j) for j in range(min(2, pos + 1))] + [(j, j) for j in window]
+        keys += [(j, 2 + 4 + n if compact else j) for n, j in enumerate(sorted(sel))]
+        out = []
+        for h in range(q.shape[0]):
+            qh = rope64(q[h], pos)
+            logits = torch.stack([qh @ rope64(hist[j][0][h // G], at) for j, at in keys]) / math.sqrt(Dh)
+            out.append(logits.softmax(0) @ torch.stack([hist[j][1][h // G] for j, _ in keys]))
+        return torch.stack(out)
+
+    def on_step(cache, q, y, pos, hist):
+        for i in range(len(pos)):
+            p = int(pos[i])
+            sel = brute_selection(cfg, q[i, :, 0], p, hist[i], U)
+            if not sel:
+                continue
+            torch.testing.assert_close(y[i, :, 0], reference(q[i, :, 0], sel, p, hist[i], False), rtol=0, atol=1e-5)
+            gaps.append(float((y[i, :, 0] - reference(q[i, :, 0], sel, p, hist[i], True)).abs().max()))
+    feed_layer(cfg, args, [10, 21], 40, U, on_step, scale=2.0)
+    assert len(gaps) > 40 and min(gaps) > 1e-3 and max(gaps) > 0.1, (min(gaps), max(gaps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory.
+
+def test_bytes_allocated_counts_every_buffer():
+    args = small_args(n_head=4, n_kv_head=2, head_dim=64)  # D = 128
+    B, S, Hkv, Dh, D = 3, 50, 2, 64, 128
+    for bits in (2, 4, 16):
+        for selector in ("latent", "oracle"):
+            cfg = SALSConfig(rank=40, value_bits=bits, sink=5, window=7, selector=selector).resolve(args, D)
+            cache = SALSCache(cfg, args, B, S, torch.zeros(D, 40, dtype=torch.bfloat16))
+            v_bytes = Dh * bits // 8 + (0 if bits == 16 else 2 * 2 * Dh // 32)  # per token per KV head
+            expect = (D * 40 * 2 + Dh // 2 * 8  # U, inverse frequencies
+                      + B * S * 40 * 2 + B * S * Hkv * v_bytes  # latents, values + scales + zeros
+                      + 2 * B * (5 + 7) * Hkv * Dh * 2 + B * 7 * 4  # sinks, window, window_pos
+                      + (B * S * Hkv * Dh * 2 if selector == "oracle" else 0))
+            assert cache.bytes_allocated() == expect
+            assert cache.bytes_allocated() == sum(t.untyped_storage().nbytes() for t in cache.buffers())
+
+
+@pytest.mark.parametrize("fraction,per_token", [(0.125, 2560), (0.25, 4608)])
+def test_llama2_layer_bytes_match_the_paper(fraction, per_token):
+    """Llama-2-7B layer (32 KV heads of 128): SALS-12.5% keeps 1 KiB latent + 1 KiB 2-bit V + 0.5 KiB
+    scales/zeros per token (SALS-25%: 2 + 2 + 0.5 KiB), against 16 KiB dense, plus a constant overhead."""
+    args = ModelArgs(vocab_size=32000, dim=4096, n_layer=32, n_head=32, n_kv_head=32, head_dim=128,
+                     intermediate_size=11008)
+    cfg = SALSConfig.preset(fraction).resolve(args, 2048)
+    with torch.device("meta"):  # shapes only, nothing allocated
+        size = {S: SALSCache(cfg, args, 1, S, torch.empty(4096, cfg.rank, dtype=torch.bfloat16)).bytes_allocated()
+                for S in (2048, 4096)}
+        dense = KVCache(1, 4096, 32, 128, torch.bfloat16).bytes_allocated()
+    assert (size[4096] - size[2048]) / 2048 == per_token and dense / 4096 == 16384
+    overhead = 4096 * cfg.rank * 2 + 2 * (16 + 64) * 4096 * 2 + 64 * 4 + 64 * 8  # U, sinks + window, positions, freqs
+    assert size[4096] == 4096 * per_token + overhead
+    if fraction == 0.125:
+        assert round(16384 / per_token, 1) == 6.4
+
+
+def test_setup_sals_layer_types_and_bases():
+    torch.manual_seed(0)
+    args = small_args(n_layer=5, head_dim=32)
+    model = Transformer(args).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(2)
+    calib = {"eigvecs": [orthonormal(64, gen).float() for _ in range(5)]}
+    cfg = setup_sals(model, 2, 40, SALSConfig.preset(0.125), calib)
+    assert cfg.dense_layers == (0, 1, 4) and cfg.rank == 8 and cfg.score_dims == 4 and cfg.value_bits == 2
+    for i, layer in enumerate(model.layers):
+        c = layer.attention.kv_cache
+        assert isinstance(c, KVCache if i in (0, 1, 4) else SALSCache)
+        if i not in (0, 1, 4):
+            assert c.U.dtype == torch.bfloat16 and torch.equal(c.U, calib["eigvecs"][i][:, :8].bfloat16())
+    assert model.kv_cache_bytes() == sum(layer.attention.kv_cache.bytes_allocated() for layer in model.layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configurations.
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rank=0), "rank 0 is outside 1..16"), (dict(rank=17), "rank 17 is outside 1..16"),
+    (dict(rank_fraction=0), "rank_fraction"), (dict(rank_fraction=1.5), "rank_fraction"),
+    (dict(rank=8, score_dims=9), "score_dims 9"), (dict(score_dims=0), "score_dims 0"),
+    (dict(value_bits=3), "value_bits 3"), (dict(value_bits=8), "value_bits 8"),
+    (dict(value_bits=4), "multiple of 32"),  # head_dim 8
+    (dict(sparsity=0), "sparsity"), (dict(sparsity=1.01), "sparsity"),
+    (dict(sink=-1), "sink >= 0"), (dict(window=0), "window >= 1"),
+    (dict(dense_layers=(0, 4)), "dense_layers"), (dict(dense_layers=(-1,)), "dense_layers"),
+    (dict(selector="random"), "selector"),
+])
+def test_invalid_configs(kw, match):
+    args = small_args(n_head=4, n_kv_head=2, head_dim=8)  # D = 16, 4 layers
+    with pytest.raises(ValueError, match=match):
+        SALSConfig(**{"value_bits": 16, **kw}).resolve(args, 16)
+
+
+def test_invalid_setup():
+    args = small_args(n_head=4, n_kv_head=2, head_dim=32)
+    with pytest.raises(ValueError, match="preset"):
+        SALSConfig.preset(0.5)
+    with pytest.raises(ValueError, match="resolved"):
+        SALSCache(SALSConfig(), args, 1, 8, torch.zeros(64, 16))
+    with pytest.raises(ValueError, match=r"expected \(n_kv_head \* head_dim, rank\) = \(64, 16\)"):
+        SALSCache(SALSConfig().resolve(args, 64), args, 1, 8, torch.zeros(64, 15))
+    with pytest.raises(ValueError, match="calibration holds 3 bases"):
+        setup_sals(Transformer(args), 1, 8, SALSConfig(), {"eigvecs": [torch.zeros(64, 64)] * 3})
+    with pytest.raises(ValueError, match="2 or 4 bits"):
+        quantize_values(torch.zeros(2, 32), 8)

@@ -1,0 +1,400 @@
+"""SALS calibration, offline and once per model: the low-rank basis of each layer's pre-RoPE keys.
+
+    python calibrate.py                        # the default SmolLM2 on data/calibration.txt
+    python calibrate.py --checkpoint DIR --text corpus/ more.jsonl --n_seqs 64 --seq_len 4096
+
+Runs the model over calibration text and accumulates, per layer, the uncentred second moment
+C = sum_t k_t k_t^T (float64) of the pre-RoPE keys of all KV heads concatenated, k_t of width
+D = n_kv_head * head_dim, without ever storing the keys; saves its eigenvectors sorted by eigenvalue
+(descending) to <checkpoint>/sals_calib.pt (format: /tmp/sals_design.md, read by load_calibration).
+It also reports per layer how much key energy the 25% and 12.5% ranks keep and how well latent
+top-k ranks tokens (overlap_score), measured on held-out sequences that do not enter C.
+
+Default corpus: data/calibration.txt is characters [0, 250105) of ../shared/data/pride_and_prejudice.txt
+(Project Gutenberg text, public domain), cut at a paragraph end, plus a final newline. Everything from
+character 250107 of that file on ("“Oh, yes! of that kind of love...") is held out: measure perplexity
+there only.
+"""
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from model import KVCache, Transformer, apply_rope, load_model
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_TEXT = ROOT / "data" / "calibration.txt"
+FORMAT = "sals-calib/1"
+# Overlap is measured at the SALS defaults (SALSConfig in sals_attention.py): budget = 1/8 of the
+# context, 16 sinks and a 64-token window included; ranking with r* = r/2 of the 25% rank.
+SPARSITY, SINK, WINDOW = 1 / 8, 16, 64
+POOR_OVERLAP = 0.9  # the paper's bar: layers that rank worse are candidates for staying dense
+MIN_EVAL_LEN = 1024  # shorter contexts leave (almost) no budget beyond sinks and window
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text.
+
+def read_texts(paths) -> list[str]:
+    """Documents from text files, folders (every *.txt inside, sorted) and JSON lines files
+    (*.jsonl, one object with a "text" field per line)."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.txt"))
+            if not found:
+                raise FileNotFoundError(f"folder {p} holds no *.txt files; pass text files, a folder of "
+                                        f"*.txt files or *.jsonl files to --text.")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"--text {p} does not exist.")
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f} is not UTF-8 text ({e}); pass plain text or JSON lines files.") from None
+        if f.suffix != ".jsonl":
+            docs.append(text)
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}:{n} is not valid JSON ({e}).") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{f}:{n} has no string field \"text\"; each JSON line needs one.")
+            docs.append(record["text"])
+    return docs
+
+
+def plan_sequences(n_tokens: int, n_seqs: int, seq_len: int, n_eval: int, max_len: int):
+    """How many calibration sequences of seq_len and held-out overlap sequences of eval_len the text
+    allows. A short text keeps one held-out sequence if it can, then fills calibration sequences, then
+    further held-out ones. Returns (n_seqs, seq_len, n_eval, eval_len, notes)."""
+    if seq_len > max_len:
+        raise ValueError(f"--seq_len {seq_len} exceeds the model's context ({max_len} tokens).")
+    if n_tokens == 0:
+        raise ValueError("the calibration text is empty.")
+    notes = []
+    if n_tokens < seq_len:
+        notes.append(f"the text has only {n_tokens} tokens: calibrating on one sequence of {n_tokens} "
+                     f"(asked for {n_seqs} x {seq_len})")
+        seq_len = n_tokens
+    eval_len = min(max(seq_len, MIN_EVAL_LEN), max_len)
+    reserve = eval_len if n_eval > 0 and n_tokens - eval_len >= seq_len else 0
+    fit_seqs = min(n_seqs, (n_tokens - reserve) // seq_len)
+    fit_eval = min(n_eval, (n_tokens - fit_seqs * seq_len) // eval_len)
+    if fit_eval < n_eval:
+        notes.append(f"text too short for {n_eval} held-out sequences of {eval_len} tokens: measuring "
+                     f"the overlap on {fit_eval}" + (" (none: overlap not measured)" if fit_eval == 0 else ""))
+    if fit_seqs < n_seqs and n_tokens >= seq_len:
+        notes.append(f"the text ({n_tokens} tokens) fits {fit_seqs} of the {n_seqs} calibration sequences "
+                     f"of {seq_len} tokens asked for")
+    return fit_seqs, seq_len, fit_eval, eval_len, notes
+
+
+def cut_sequences(tokens: Tensor, start: int, n: int, length: int, bos: list[int]) -> Tensor:
+    """(n, length) consecutive, non-overlapping sequences of tokens[start:], each led by `bos`."""
+    body = tokens[start:start + n * (length - len(bos))].view(n, length - len(bos))
+    return torch.cat([torch.tensor(bos, dtype=torch.long).expand(n, len(bos)), body], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics of the keys, gathered inside the model's attention via a cache wrapper.
+
+class KeyStats(nn.Module):
+    """A dense KVCache that also looks at the pre-RoPE q and k passing through it: it accumulates
+    the keys' second moment while `basis` is None, and scores latent top-k (overlap_score) with
+    `basis` (D, r*) once set. Each call must hold whole sequences starting at position 0."""
+
+    def __init__(self, cache: KVCache, width: int):
+        super().__init__()
+        self.cache = cache
+        self.register_buffer("second_moment", torch.zeros(width, width, dtype=torch.float64), persistent=False)
+        self.n_tokens = 0
+        self.basis: Tensor | None = None
+        self.overlaps: list[float] = []
+
+    def forward(self, q, k, v, input_pos, rope, rows=None):
+        if self.basis is None:
+            keys = k.transpose(1, 2).flatten(2).flatten(0, 1).double()  # (B*T, D): heads concatenated
+            self.second_moment.addmm_(keys.T, keys)
+            self.n_tokens += keys.shape[0]
+        else:
+            self.overlaps += [overlap_score(q[b], k[b], rope[b], self.basis) for b in range(q.shape[0])]
+        return self.cache(q, k, v, input_pos, rope, rows)
+
+
+def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: float = SPARSITY,
+                  sink: int = SINK, window: int = WINDOW, query_chunk: int = 256) -> float:
+    """How much true attention latent top-k keeps, relative to the best possible choice.
+
+    q: (H, T, Dh) and k: (Hkv, T, Dh) pre-RoPE, one whole sequence; rope: (T, Dh/2, 2); basis: (D, r*).
+    For each query position t in the last quarter of the sequence (context t+1 tokens):
+      - true attention a_j: post-RoPE causal softmax(q.k / sqrt(Dh)) over j <= t, averaged over the
+        H query heads (the SALS selection is shared by all heads of a layer);
+      - budget n = floor(sparsity * (t+1)) - sink - window middle tokens, chosen among the
+        candidates sink <= j <= t - window (the first `sink` and last `window` tokens are always kept);
+      - latent choice: top n by s_j = q_lat . k_lat_j with q_lat = (each KV group's query heads
+        summed, concatenated to width D) @ basis and k_lat_j = (k_j, heads concatenated) @ basis,
+        both pre-RoPE, exactly as the SALS decode step ranks;
+      - oracle choice: top n candidates by a_j;
+      - ratio = a(sinks + window + latent choice) / a(sinks + window + oracle choice), <= 1.
+    Returns the mean ratio over positions with n > 0 (nan if none). 1.0 means latent ranking loses
+    nothing against the oracle at this budget; the paper reports > 0.9 for most layers."""
+    H, T, Dh = q.shape
+    Hkv = k.shape[0]
+    q, k, basis = q.float(), k.float(), basis.float()
+    q_rope = apply_rope(q[None], rope[None])[0].reshape(Hkv, H // Hkv, T, Dh)  # (Hkv, G, T, Dh)
+    k_rope = apply_rope(k[None], rope[None])[0]  # (Hkv, T, Dh)
+    q_lat = q.reshape(Hkv, H // Hkv, T, Dh).sum(1).transpose(0, 1).reshape(T, -1) @ basis  # (T, r*)
+    k_lat = k.transpose(0, 1).reshape(T, -1) @ basis  # (T, r*)
+    j = torch.arange(T, device=q.device)
+    ratios = []
+    for t in torch.arange(T - T // 4, T, device=q.device).split(query_chunk):  # (n,) query positions
+        logits = torch.einsum("kgnd,ksd->kgns", q_rope[:, :, t], k_rope) / math.sqrt(Dh)  # (Hkv, G, n, T)
+        logits = logits.masked_fill(j > t[:, None], float("-inf"))
+        attn = logits.softmax(-1).mean((0, 1))  # (n, T)
+        budget = (sparsity * (t + 1)).floor().long() - sink - window  # (n,)
+        middle = (j >= sink) & (j <= t[:, None] - window)  # (n, T)
+        always = attn.masked_fill(middle, 0).sum(-1)  # sinks + window (+ the future, which is 0)
+        k_max = max(int(budget.max()), 0)
+        ranks_ok = torch.arange(k_max, device=q.device) < budget[:, None]  # (n, k_max)
+
+        def kept(score: Tensor) -> Tensor:  # attention mass of the top-`budget` middle tokens by score
+            idx = score.masked_fill(~middle, float("-inf")).topk(k_max, dim=-1).indices
+            return (attn.gather(-1, idx) * ranks_ok).sum(-1)
+        ratio = (always + kept(q_lat[t] @ k_lat.T)) / (always + kept(attn))
+        ratios.append(ratio[budget > 0])
+    ratios = torch.cat(ratios)
+    return ratios.mean().item() if ratios.numel() else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration.
+
+def k_weight_norms(model: Transformer) -> list[float]:
+    """Frobenius norm (float64) of each layer's K projection rows of wqkv: a fingerprint that tells
+    apart models of the same shape."""
+    a = model.args
+    q_size, kv_size = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
+    return [layer.attention.wqkv.weight[q_size:q_size + kv_size].double().norm().item()
+            for layer in model.layers]
+
+
+def energy(eigvals: Tensor, rank: int) -> Tensor:
+    """Share of the second moment's trace kept by the top `rank` eigenvalues; eigvals (L, D) descending."""
+    return eigvals[:, :rank].sum(-1) / eigvals.sum(-1)
+
+
+def rank_at(fraction: float, width: int) -> int:
+    return max(1, round(width * fraction))
+
+
+def progress(label: str, i: int, n: int, t0: float):
+    print(f"\r{label}: {i}/{n} sequences, {time.perf_counter() - t0:.0f} s", end="\n" if i == n else "",
+          file=sys.stderr, flush=True)
+
+
+@torch.inference_mode()
+def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose: bool = True) -> dict:
+    """calib_seqs: (N, S) token ids whose keys make the second moments; eval_seqs: (M, S') held-out
+    ids on which overlap_score is measured (M may be 0). Returns eigvals (L, D) float64 and eigvecs
+    [(D, D)] float64, both sorted descending, n_tokens and the per-layer report."""
+    a = model.args
+    D = a.n_kv_head * a.head_dim
+    device = model.output.weight.device
+    S_max = max(calib_seqs.shape[1], eval_seqs.shape[1])
+    model.setup_caches(1, S_max, lambda i, args, B, S, dtype: KeyStats(
+        KVCache(B, S, args.n_kv_head, args.head_dim, dtype), D))
+    stats = [layer.attention.kv_cache for layer in model.layers]
+
+    def run(seqs: Tensor, label: str):
+        t0 = time.perf_counter()
+        for i, seq in enumerate(seqs):
+            model(seq[None].to(device), torch.arange(len(seq), device=device)[None])
+            if verbose:
+                progress(label, i + 1, len(seqs), t0)
+
+    run(calib_seqs, "calibration")
+    eigvals, eigvecs = [], []
+    for s in stats:
+        vals, vecs = torch.linalg.eigh(s.second_moment.cpu())  # ascending
+        # C is positive semi-definite: negative eigenvalues are round-off (of order 1e-16 * trace)
+        eigvals.append(vals.flip(0).clamp(min=0))
+        eigvecs.append(vecs.flip(1))
+    eigvals = torch.stack(eigvals)  # (L, D)
+
+    r25, r125 = rank_at(0.25, D), rank_at(0.125, D)
+    score_dims = r25 // 2
+    for s, vecs in zip(stats, eigvecs):
+        s.basis = vecs[:, :score_dims].to(device)
+    run(eval_seqs, "overlap (held-out)")
+    overlap = [sum(s.overlaps) / len(s.overlaps) if s.overlaps else float("nan") for s in stats]
+    model.setup_caches(1, S_max)  # drop the wrappers: the model is left with plain dense caches
+    report = {"energy_25": energy(eigvals, r25).tolist(), "energy_125": energy(eigvals, r125).tolist(),
+              "overlap": overlap, "rank_25": r25, "rank_125": r125, "score_dims": score_dims,
+              "sparsity": SPARSITY, "sink": SINK, "window": WINDOW,
+              "eval_seqs": eval_seqs.shape[0], "eval_len": eval_seqs.shape[1],
+              "poor_layers": [i for i, o in enumerate(overlap) if o < POOR_OVERLAP]}
+    return {"eigvals": eigvals, "eigvecs": eigvecs, "n_tokens": stats[0].n_tokens, "report": report}
+
+
+def format_report(report: dict) -> str:
+    r = report
+    lines = [f"layer  energy@r={r['rank_25']} (25%)  energy@r={r['rank_125']} (12.5%)  "
+             f"overlap (r*={r['score_dims']}, sparsity {r['sparsity']:.3g})"]
+    for i, (e25, e125, o) in enumerate(zip(r["energy_25"], r["energy_125"], r["overlap"])):
+        flag = "  <- poor" if i in r["poor_layers"] else ""
+        lines.append(f"{i:5d}  {e25:19.4f}  {e125:21.4f}  {o:10.4f}{flag}")
+    if r["eval_seqs"] == 0:
+        lines.append("overlap not measured: no held-out sequence fitted in the text.")
+    elif r["poor_layers"]:
+        lines.append(f"layers ranking below {POOR_OVERLAP} (candidates for dense layers): {r['poor_layers']}")
+    else:
+        lines.append(f"every layer ranks at or above {POOR_OVERLAP}.")
+    lines.append(f"overlap: share of the true attention mass (post-RoPE, averaged over query heads) on "
+                 f"{r['sink']} sinks + {r['window']} window + the latent top-k, relative to the oracle top-k "
+                 f"by true attention, over the last quarter of {r['eval_seqs']} held-out sequences of "
+                 f"{r['eval_len']} tokens.")
+    return "\n".join(lines)
+
+
+def model_fingerprint(model: Transformer) -> dict:
+    a = model.args
+    return {"n_layer": a.n_layer, "n_kv_head": a.n_kv_head, "head_dim": a.head_dim, "dim": a.dim,
+            "vocab_size": a.vocab_size, "k_weight_norms": k_weight_norms(model)}
+
+
+def calibration_file(model: Transformer, result: dict, calibration: dict) -> dict:
+    """The saved dict (format in /tmp/sals_design.md): eigenvectors kept up to r_max columns."""
+    D = model.args.n_kv_head * model.args.head_dim
+    r_max = D if D <= 1024 else D // 2
+    return {"format": FORMAT, "model": model_fingerprint(model), "calibration": calibration,
+            "eigvecs": [v[:, :r_max].float().contiguous() for v in result["eigvecs"]],
+            "eigvals": result["eigvals"], "report": result["report"]}
+
+
+def recalibrate_hint(path: Path) -> str:
+    cmd = f"python calibrate.py --checkpoint {path.parent}"
+    return cmd if path.name == "sals_calib.pt" else f"{cmd} --output {path}"
+
+
+def load_calibration(path, model: Transformer) -> dict:
+    """Reads a calibration file and checks that it was made for this model (shapes and the K
+    projection weights); raises FileNotFoundError / ValueError saying what differs and how to fix it."""
+    path = Path(path)
+    hint = recalibrate_hint(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no SALS calibration file at {path}: calibrate the model once with `{hint}` "
+                                f"(a few minutes on CPU for SmolLM2).")
+    try:
+        calib = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch each raise their own types
+        raise ValueError(f"{path} is not a SALS calibration file (unreadable: {type(e).__name__}: "
+                         f"{str(e)[:200]}); recreate it with `{hint}`.") from None
+    if not isinstance(calib, dict) or calib.get("format") != FORMAT:
+        found = calib.get("format") if isinstance(calib, dict) else type(calib).__name__
+        raise ValueError(f"{path} is not a SALS calibration file (format {found!r}, expected {FORMAT!r}); "
+                         f"recreate it with `{hint}`.")
+    ours, theirs = model_fingerprint(model), calib.get("model", {})
+    diffs = [f"{k} {theirs.get(k)} in the file, {ours[k]} in the model"
+             for k in ("n_layer", "n_kv_head", "head_dim", "dim", "vocab_size") if theirs.get(k) != ours[k]]
+    if not diffs:
+        norms = theirs.get("k_weight_norms") or []
+        off = [i for i, (x, y) in enumerate(zip(norms, ours["k_weight_norms"])) if abs(x - y) > 1e-2 * abs(y)]
+        if len(norms) != len(ours["k_weight_norms"]) or off:
+            diffs.append(f"K projection weights differ (layers {off[:8]}...)" if off else
+                         "K projection weight norms missing")
+    if diffs:
+        raise ValueError(f"{path} was made for another model: {'; '.join(diffs)}. Recalibrate with `{hint}`.")
+    L, D = ours["n_layer"], ours["n_kv_head"] * ours["head_dim"]
+    r_max = D if D <= 1024 else D // 2
+    vecs, vals = calib.get("eigvecs"), calib.get("eigvals")
+    if not (isinstance(vecs, list) and len(vecs) == L and all(isinstance(v, Tensor) and v.shape == (D, r_max)
+                                                               for v in vecs)
+            and isinstance(vals, Tensor) and vals.shape == (L, D)):
+        raise ValueError(f"{path} is corrupt: expected {L} eigenvector tensors of shape ({D}, {r_max}) and "
+                         f"eigenvalues of shape ({L}, {D}); recreate it with `{hint}`.")
+    return calib
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SALS calibration: per-layer low-rank basis of pre-RoPE keys.")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--text", type=Path, nargs="+", default=[DEFAULT_TEXT],
+                   help="text files, folders of *.txt, or *.jsonl files with a \"text\" field")
+    p.add_argument("--n_seqs", type=int, default=16, help="calibration sequences")
+    p.add_argument("--seq_len", type=int, default=2048, help="tokens per calibration sequence")
+    p.add_argument("--n_eval_seqs", type=int, default=2,
+                   help=f"held-out sequences (of max(seq_len, {MIN_EVAL_LEN}) tokens) for the overlap score")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--output", type=Path, help="default: <checkpoint>/sals_calib.pt")
+    a = p.parse_args(argv)
+    if a.n_seqs < 1 or a.seq_len < 1 or a.n_eval_seqs < 0:
+        p.error("--n_seqs and --seq_len must be positive, --n_eval_seqs non-negative.")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    try:
+        if a.checkpoint is None:
+            from convert_hf_checkpoint import ensure_default_checkpoint
+            a.checkpoint = ensure_default_checkpoint()
+        from tokenizer import load_tokenizer
+        output = a.output or Path(a.checkpoint) / "sals_calib.pt"
+        if a.output and not output.parent.is_dir():
+            raise FileNotFoundError(f"--output {output}: folder {output.parent} does not exist.")
+        t0 = time.perf_counter()
+        dtype = DTYPES[a.dtype] if a.dtype else torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+        docs = read_texts(a.text)
+        model = load_model(a.checkpoint, a.device, dtype)
+        text = "\n\n".join(docs)
+        tokenizer = load_tokenizer(a.checkpoint)
+        tokens = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+        n_seqs, seq_len, n_eval, eval_len, notes = plan_sequences(
+            len(tokens), a.n_seqs, a.seq_len, a.n_eval_seqs, model.args.max_position_embeddings)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    # Each sequence starts as the model's prompts do (with BOS where the tokenizer adds one): the
+    # first keys of a sequence are atypical (attention sinks) and should be seen as at inference.
+    bos = [tokenizer.bos_id] if tokenizer.add_bos else []
+    calib_seqs = cut_sequences(tokens, 0, n_seqs, seq_len, bos)
+    eval_seqs = cut_sequences(tokens, n_seqs * (seq_len - len(bos)), n_eval, eval_len, bos)
+    print(f"calibrating {a.checkpoint} on {n_seqs} x {seq_len} tokens ({len(tokens)} in {len(docs)} "
+          f"document(s)), overlap on {n_eval} x {eval_len} held-out tokens, {a.device} {dtype}", file=sys.stderr)
+    result = calibrate(model, calib_seqs, eval_seqs)
+    result["report"]["seconds"] = time.perf_counter() - t0
+    result["report"]["table"] = format_report(result["report"])
+    calibration = {"text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_seqs": n_seqs,
+                   "seq_len": seq_len, "n_tokens": result["n_tokens"],
+                   "source": ", ".join(str(p) for p in a.text)}
+    torch.save(calibration_file(model, result, calibration), output)
+    print(result["report"]["table"])
+    print(f"wrote {output} in {result['report']['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,7 @@
 Runs the model over calibration text and accumulates, per layer, the uncentred second moment
 C = sum_t k_t k_t^T (float64) of the pre-RoPE keys of all KV heads concatenated, k_t of width
 D = n_kv_head * head_dim, without ever storing the keys; saves its eigenvectors sorted by eigenvalue
-(descending) to <checkpoint>/sals_calib.pt (format: /tmp/sals_design.md, read by load_calibration).
+(descending) to <checkpoint>/sals_calib.pt (format: calibration_file below; read by load_calibration).
 It also reports per layer how much key energy the 25% and 12.5% ranks keep and how well latent
 top-k ranks tokens (overlap_score), measured on held-out sequences that do not enter C.
 
@@ -280,7 +280,10 @@ def model_fingerprint(model: Transformer) -> dict:
 
 
 def calibration_file(model: Transformer, result: dict, calibration: dict) -> dict:
-    """The saved dict (format in /tmp/sals_design.md): eigenvectors kept up to r_max columns."""
+    """The saved dict: "format"; "model": the fingerprint load_calibration checks (shapes and the norm
+    of each layer's K projection, so a same-shaped but different model is refused); "calibration":
+    text hash, sequence count and length; "eigvecs": per layer (D, r_max) float32, columns sorted by
+    eigenvalue, descending (r_max = D up to D = 1024, else D/2); "eigvals": (L, D) float64; "report"."""
     D = model.args.n_kv_head * model.args.head_dim
     r_max = D if D <= 1024 else D // 2
     return {"format": FORMAT, "model": model_fingerprint(model), "calibration": calibration,

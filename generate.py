@@ -74,11 +74,12 @@ def synchronize(device):
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             stop_ids=(), on_token=None, decode_fn=decode_one_token, prefill_fn=prefill, make_cache=None):
+             stop_ids=(), on_token=None, decode_fn=decode_one_token, prefill_fn=prefill, setup_caches=None):
     """Generates up to max_new_tokens for each prompt (one cache row each).
 
     Returns (outputs, stats): outputs[i] is the list of new tokens of prompt i, up to and including
     its stop token; stats holds timings. on_token(row, token) is called as tokens are produced.
+    setup_caches(B, S) allocates the caches (default: dense, model.setup_caches; SALS: see main).
     """
     device = model.output.weight.device
     B = len(prompts)
@@ -89,7 +90,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if max_len + max_new_tokens > context:
         raise ValueError(f"prompt of {max_len} tokens + {max_new_tokens} new tokens exceeds the model's "
                          f"context of {context} tokens; shorten the prompt or lower --max_new_tokens.")
-    model.setup_caches(B, max_len + max_new_tokens, make_cache)
+    (setup_caches or model.setup_caches)(B, max_len + max_new_tokens)
 
     t0 = time.perf_counter()
     first = torch.stack([sample(prefill_fn(model, p, i)[None], temperature, top_k, top_p)[0]
@@ -156,7 +157,10 @@ def report(stats: dict, model: Transformer, device) -> str:
                   f"sequence, {B / step_s:.1f} tokens/s total",
                   f"effective bandwidth: {bytes_step / step_s / 1e9:.1f} GB/s (weights "
                   f"{model_bytes_per_step(model) / 1e9:.2f} GB + KV cache read {kv_bytes_per_step(model) / 1e9:.3f} GB per step)"]
-    lines.append(f"KV cache allocated: {model.kv_cache_bytes() / 2**20:.1f} MiB")
+    a = model.args
+    dense = 2 * a.n_layer * B * a.n_kv_head * model.max_seq_length * a.head_dim * model.output.weight.element_size()
+    lines.append(f"KV cache allocated: {model.kv_cache_bytes() / 2**20:.1f} MiB, {model.kv_cache_bytes() / dense:.3f} "
+                 f"of a dense cache at the same batch ({B}) and length ({model.max_seq_length})")
     if torch.device(device).type == "cuda":
         lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
     else:
@@ -186,6 +190,18 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=1234)
+    s = p.add_argument_group("SALS compressed KV cache (see ../shared/SALS.md)")
+    s.add_argument("--sals", type=float, choices=[0.25, 0.125], default=None,
+                   help="preset: latent rank D/4 with 4-bit values, or D/8 with 2-bit values; sparsity 1/8, "
+                        "16 sinks, 64-token window, layers 0, 1 and last dense")
+    s.add_argument("--sals_sparsity", type=float, help="attended share of the context, sinks and window included")
+    s.add_argument("--sals_rank", type=int, help="latent rank r (overrides the preset's fraction)")
+    s.add_argument("--sals_score_dims", type=int, help="latent coordinates used to rank tokens (default r/2)")
+    s.add_argument("--sals_value_bits", type=int, help="2, 4, or 16 (unquantized)")
+    s.add_argument("--sals_sink", type=int, help="first tokens always attended at full precision")
+    s.add_argument("--sals_window", type=int, help="most recent tokens always attended at full precision")
+    s.add_argument("--sals_dense_layers", type=str, help="comma-separated layer ids that keep a dense cache")
+    s.add_argument("--sals_calib", type=Path, help="calibration file (default: <checkpoint>/sals_calib.pt)")
     args = p.parse_args(argv)
     problems = []
     if args.max_new_tokens < 1:
@@ -207,11 +223,41 @@ def parse_args(argv=None):
     else:
         if device.type == "cuda" and not torch.cuda.is_available():
             problems.append("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+    overrides = [k for k, v in vars(args).items() if k.startswith("sals_") and v is not None]
+    if overrides and args.sals is None:
+        problems.append(f"--{overrides[0]} needs --sals 0.25 or --sals 0.125")
+    if args.sals_dense_layers is not None:
+        try:
+            args.sals_dense_layers = tuple(int(x) for x in args.sals_dense_layers.split(",") if x.strip())
+        except ValueError:
+            problems.append(f"--sals_dense_layers {args.sals_dense_layers!r} is not a comma-separated list of layer ids")
     if problems:
         p.error("; ".join(problems))
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     return args
+
+
+def sals_setup(args, model: Transformer, default_model: bool):
+    """setup_caches(B, S) for --sals: SALS caches built from the checkpoint's calibration."""
+    from calibrate import load_calibration
+    from sals_attention import SALSConfig, setup_sals
+    names = ("sparsity", "rank", "score_dims", "value_bits", "sink", "window", "dense_layers")
+    overrides = {n: getattr(args, "sals_" + n) for n in names if getattr(args, "sals_" + n) is not None}
+    cfg = SALSConfig.preset(args.sals, **overrides)
+    path = args.sals_calib or args.checkpoint / "sals_calib.pt"
+    if not path.exists() and default_model and args.sals_calib is None:
+        import calibrate
+        print(f"no calibration at {path}: calibrating the default model once (a few minutes on CPU)",
+              file=sys.stderr)
+        if calibrate.main(["--checkpoint", str(args.checkpoint), "--device", str(args.device)]) != 0:
+            raise ValueError("calibration of the default model failed (see above).")
+    calib = load_calibration(path, model)
+    resolved = setup_sals(model, 1, 1, cfg, calib)  # validates the config now, before any prompt runs
+    print(f"SALS: rank {resolved.rank}, score dims {resolved.score_dims}, {resolved.value_bits}-bit values, "
+          f"sparsity {resolved.sparsity:g}, {resolved.sink} sinks, window {resolved.window}, dense layers "
+          f"{list(resolved.dense_layers)}", file=sys.stderr)
+    return lambda B, S: setup_sals(model, B, S, cfg, calib)
 
 
 def read_prompt(spec: str, tokenizer, chat: bool, vocab_size: int, gen: torch.Generator) -> list[int]:
@@ -249,7 +295,8 @@ class Streamer:
 def main(argv=None):
     args = parse_args(argv)
     from tokenizer import load_tokenizer
-    if args.checkpoint is None:
+    default_model = args.checkpoint is None
+    if default_model:
         from convert_hf_checkpoint import ensure_default_checkpoint
         args.checkpoint = ensure_default_checkpoint()
     torch.manual_seed(args.seed)
@@ -258,6 +305,8 @@ def main(argv=None):
     model = load_model(args.checkpoint, device, getattr(torch, args.dtype))
     tokenizer = load_tokenizer(args.checkpoint)
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+
+    setup_caches = sals_setup(args, model, default_model) if args.sals else None
 
     gen = torch.Generator().manual_seed(args.seed)
     specs = args.prompt or ["Hello, my name is"]
@@ -275,7 +324,8 @@ def main(argv=None):
         stream = Streamer(tokenizer) if B == 1 else None
         outputs, stats = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids,
-                                  on_token=stream, decode_fn=decode_fn, prefill_fn=prefill_fn)
+                                  on_token=stream, decode_fn=decode_fn, prefill_fn=prefill_fn,
+                                  setup_caches=setup_caches)
         if stream is not None:
             stream.flush()
             print()

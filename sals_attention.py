@@ -19,6 +19,7 @@ from torch import Tensor
 from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies
 
 GROUP = 32  # value channels sharing one scale and zero
+FUSED = None  # decode with the Triton kernels of kernels/: None = on CUDA tensors; True/False forces it (tests)
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,16 @@ class SALSCache(nn.Module):
     def bytes_allocated(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
+    def bytes_read_per_step(self) -> int:
+        """What a decode step reads: the ranking prefix of every slot, the selected tokens' latents and
+        values, sinks, window and U (the oracle's full keys too)."""
+        B, S = self.k_lat_score.shape[:2]
+        per_token = lambda *ts: sum(t[0, 0].numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
+        whole = lambda *ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
+        selected = B * self.k_max * per_token(self.k_lat_score, self.k_lat_rest, self.v_q, self.v_scale, self.v_zero)
+        return (whole(self.k_lat_score, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.U,
+                      self.k_full) + selected)
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor,
                 rows: Tensor | None = None) -> Tensor:
         """q (b, H, T, Dh), k, v (b, Hkv, T, Dh) pre-RoPE; input_pos (b, T); rows (b,) or None (all rows).
@@ -176,12 +187,29 @@ class SALSCache(nn.Module):
             self.write(b, k, k_rope, v, input_pos)
             return y
         self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
+        if rows is None and not self.oracle and (q.is_cuda if FUSED is None else FUSED):
+            return self.fused_decode(q, q_rope, input_pos)
         idx, keep = self.select(q, q_rope, input_pos, rows)  # 2-4. rank, top-k within the budget
         K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, idx)], 1)  # 5. (b, n, Hkv, Dh)
         V = torch.cat([self.sink_v[b], self.win_v[b], self.values(b, idx)], 1)
         sink_ok = torch.arange(self.n_sink, device=q.device) <= input_pos  # (b, n_sink)
         mask = torch.cat([sink_ok, self.window_pos[b] >= 0, keep], 1)  # (b, n)
         return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask[:, None])  # 6.
+
+    def fused_decode(self, q: Tensor, q_rope: Tensor, input_pos: Tensor) -> Tensor:
+        """Steps 2-6 with the Triton kernels (all B rows): scoring kernel, torch.topk, one fused kernel that
+        rebuilds, rotates and attends without writing keys to memory. Imported here so that importing this
+        module never initializes Triton (its interpreter mode is fixed when a kernel is defined)."""
+        from kernels.latent_score import latent_scores
+        from kernels.sals_decode import fused_decode
+        s = latent_scores(self.k_lat_score, self.latent_query(q), input_pos, self.n_sink, self.window)  # (B, S)
+        idx, keep = self.top(s, input_pos)
+        return fused_decode(self, q_rope, input_pos, idx, keep)
+
+    def latent_query(self, q: Tensor) -> Tensor:
+        """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*]."""
+        q_sum = q[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
+        return q_sum.flatten(1) @ self.U[:, :self.rs]
 
     def scores(self, q: Tensor, q_rope: Tensor, rows: Tensor | None) -> Tensor:
         """Steps 2-3: the ranking score (b, S) of every cache position (unwritten ones are garbage).
@@ -191,17 +219,18 @@ class SALSCache(nn.Module):
             k_full = self.k_full if rows is None else self.k_full[rows]
             q_sum = q_rope[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
             return torch.einsum("bshd,bhd->bs", k_full, q_sum)
-        q_sum = q[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh), pre-RoPE
-        q_lat = q_sum.flatten(1) @ self.U[:, :self.rs]  # (b, r*)
         k_lat = self.k_lat_score if rows is None else self.k_lat_score[rows]  # (b, S, r*)
-        return (k_lat @ q_lat[:, :, None])[..., 0]
+        return (k_lat @ self.latent_query(q)[:, :, None])[..., 0]
 
     def select(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 4: positions (b, k_max) of the top compressed tokens sink <= j <= pos - window, and which of
         them are attended (b, k_max): the first floor(sparsity * (pos+1)) - sink - window of each row."""
         s = self.scores(q, q_rope, rows)
         j = torch.arange(s.shape[1], device=s.device)
-        s = s.masked_fill((j < self.n_sink) | (j > input_pos - self.window), -math.inf)
+        return self.top(s.masked_fill((j < self.n_sink) | (j > input_pos - self.window), -math.inf), input_pos)
+
+    def top(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Top k_max of scores s (b, S) (-inf outside the candidates) and which are within each row's budget."""
         top, idx = s.topk(self.k_max, dim=-1)
         n_b = torch.floor((input_pos + 1).double() * self.sparsity).long() - self.n_sink - self.window  # (b, 1)
         return idx, (torch.arange(self.k_max, device=s.device) < n_b) & (top > -math.inf)

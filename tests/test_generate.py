@@ -208,3 +208,67 @@ def test_decode_step_without_host_sync_compiles_fullgraph():
     tokens, pos = torch.randint(0, 97, (2, 1)), torch.tensor([[3], [7]])
     explanation = torch._dynamo.explain(decode_one_token)(model, tokens, pos, 0.0, None, None)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# --sals on the command line.
+
+@pytest.fixture(scope="module")
+def quick_calib(smollm2_dir, tmp_path_factory):
+    """A small real calibration of SmolLM2 (the default one takes minutes)."""
+    import calibrate
+    out = tmp_path_factory.mktemp("calib") / "sals_calib.pt"
+    assert calibrate.main(["--checkpoint", str(smollm2_dir), "--n_seqs", "4", "--seq_len", "1024",
+                           "--n_eval_seqs", "1", "--device", "cpu", "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def long_question(shared_data, tmp_path_factory):
+    """~1500 tokens of a novel, then a question: the answer is decoded while SALS compresses and
+    selects (budget 1/8 of ~1500 tokens = 16 sinks + 64 window + ~106 selected)."""
+    passage = (shared_data / "pride_and_prejudice.txt").read_text()[300000:306000]
+    path = tmp_path_factory.mktemp("prompt") / "question.txt"
+    path.write_text(f"Here is a passage from a novel:\n\n{passage}\n\nNow answer this question: "
+                    f"What is the capital of France?")
+    return path
+
+
+@pytest.mark.parametrize("preset", ["0.25", "0.125"])
+def test_cli_sals_answers_paris_over_long_context(smollm2_dir, quick_calib, long_question, preset):
+    r = run_cli("--checkpoint", str(smollm2_dir), "--chat", "--prompt", f"@{long_question}", "--temperature", "0",
+                "--device", "cpu", "--max_new_tokens", "12", "--sals", preset, "--sals_calib", str(quick_calib))
+    assert r.returncode == 0, r.stderr
+    if preset == "0.25":
+        assert "Paris" in r.stdout
+    ratio = float(r.stderr.split("KV cache allocated: ")[1].split(", ")[1].split(" of a dense")[0])
+    assert ratio < 0.5, r.stderr  # the cache really is the compressed one
+    assert "SALS: rank" in r.stderr
+
+
+def test_cli_sals_without_calibration_says_how_to_make_one(smollm2_dir, tmp_path):
+    ckpt = tmp_path / "smol"
+    ckpt.mkdir()
+    for f in ("config.json", "model.pth", "tokenizer.json", "tokenizer_config.json"):
+        (ckpt / f).symlink_to(smollm2_dir / f)
+    assert_clean_error(run_cli("--checkpoint", str(ckpt), "--sals", "0.25", "--device", "cpu"), "python calibrate.py")
+
+
+def test_cli_sals_refuses_calibration_of_another_model(smollm2_dir, quick_calib, tmp_path):
+    other = torch.load(quick_calib, weights_only=False)
+    other["model"]["k_weight_norms"] = [2 * x for x in other["model"]["k_weight_norms"]]
+    torch.save(other, tmp_path / "other.pt")
+    assert_clean_error(run_cli("--checkpoint", str(smollm2_dir), "--sals", "0.25", "--device", "cpu",
+                               "--sals_calib", str(tmp_path / "other.pt")), "another model", "calibrate.py")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--sals_rank", "8"], ["needs --sals"]),
+    (["--sals", "0.3"], ["--sals"]),
+    (["--sals", "0.25", "--sals_value_bits", "3"], ["value_bits 3"]),
+    (["--sals", "0.25", "--sals_dense_layers", "0,x"], ["--sals_dense_layers"]),
+    (["--sals", "0.25", "--sals_dense_layers", "0,99"], ["dense_layers"]),
+])
+def test_cli_sals_bad_flags(smollm2_dir, quick_calib, flags, words):
+    assert_clean_error(run_cli("--checkpoint", str(smollm2_dir), "--sals_calib", str(quick_calib), "--device", "cpu",
+                               *flags, timeout=120), *words)

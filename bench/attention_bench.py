@@ -1,0 +1,260 @@
+"""One layer's decode attention: the SALS step (Triton kernels) against torch SDPA's flash backend.
+
+    python bench/attention_bench.py --shape llama-2-7b mistral-7b --seq 4096 32768 --batch 1 8 16
+    python bench/attention_bench.py --check      # kernels vs the PyTorch reference at real sizes
+
+The SALS step is SALSCache.forward for one new token, everything a step needs: RoPE of q and k, latent
+projection and quantization of the new token and its writes, latent query, scoring, torch.topk, the
+fused gather/rebuild/attend kernel and the split combine. SDPA gets q (B, 32, 1, 128) and bf16 K, V
+(B, hkv, S, 128) with enable_gqa. Both are captured in CUDA graphs and timed with triton's do_bench
+(median; do_bench clears the L2 cache before every call, so no input set is ever read from L2).
+Bandwidth: bytes the SALS step must read (r* latent prefix of every candidate, the selected latent rows
+and quantized values, sinks and window, U) per second, against the 3.0 TB/s copy ceiling.
+"""
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import ModelArgs, apply_rope, rope_table  # noqa: E402
+import sals_attention  # noqa: E402
+from sals_attention import GROUP, SALSCache, SALSConfig  # noqa: E402
+
+SHAPES = {"llama-2-7b": (32, 32), "mistral-7b": (32, 8)}  # (query heads, KV heads); head_dim 128
+COPY_CEILING = 3.0e12  # bytes/s, ANCHORS.md
+
+
+# ---------------------------------------------------------------------------------------------
+# Random caches and step inputs (shared with tests/test_kernels.py).
+
+def random_cache(B: int, S: int, n_head: int, n_kv_head: int, head_dim: int = 128, fraction: float = 0.125,
+                 pos=None, device="cpu", dtype=torch.bfloat16, seed: int = 0, **overrides):
+    """A SALSCache (max length S) holding random data as if row b had been filled up to position pos[b]
+    (default S - 1), and a random step there. Keys are scaled so that logits have a standard deviation
+    of about 2.5 whether they come from the window or from rebuilt latents. Returns (cache, q, k, v, input_pos,
+    rope): q (B, H, 1, Dh), k, v (B, Hkv, 1, Dh) pre-RoPE, input_pos (B, 1), rope (B, 1, Dh/2, 2)."""
+    args = ModelArgs(vocab_size=1, dim=n_head * head_dim, n_layer=1, n_head=n_head, n_kv_head=n_kv_head,
+                     head_dim=head_dim, intermediate_size=1, max_position_embeddings=S)
+    D, gen = n_kv_head * head_dim, torch.Generator(device).manual_seed(seed)
+    cfg = SALSConfig.preset(fraction, **overrides).resolve(args, D)
+    U = torch.linalg.qr(torch.randn(D, cfg.rank, generator=gen, device=device))[0]  # orthonormal columns
+    cache = SALSCache(cfg, args, B, S, U.to(dtype)).to(device)
+    k_std = math.sqrt(cfg.rank / D)  # a reconstructed key channel's std when latents are N(0, 1)
+    with torch.no_grad():
+        for name, std in [("k_lat_score", 1), ("k_lat_rest", 1), ("sink_k", k_std), ("win_k", k_std),
+                          ("sink_v", 1), ("win_v", 1)]:
+            getattr(cache, name).normal_(0, std, generator=gen)
+        if cache.bits == 16:
+            cache.v_q.normal_(generator=gen)
+        else:
+            cache.v_q.random_(0, 256, generator=gen)
+            cache.v_scale.uniform_(0.1, 0.5, generator=gen)
+            cache.v_zero.normal_(generator=gen)
+        pos = torch.full((B,), S - 1) if pos is None else torch.as_tensor(pos)
+        slot = torch.arange(cfg.window)
+        last = pos[:, None] - (pos[:, None] - cfg.sink - slot) % cfg.window  # newest position of each slot
+        cache.window_pos.copy_(torch.where(last >= cfg.sink, last, -1))
+    q_std = 2.5 / k_std
+    q = torch.randn(B, n_head, 1, head_dim, generator=gen, device=device).mul(q_std).to(dtype)
+    k = torch.randn(B, n_kv_head, 1, head_dim, generator=gen, device=device).to(dtype)
+    v = torch.randn(B, n_kv_head, 1, head_dim, generator=gen, device=device).to(dtype)
+    input_pos = pos[:, None].to(device)
+    return cache, q, k, v, input_pos, rope_table(args, S).to(device)[input_pos]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def poisoned(*shape, device) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+
+
+def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope) -> dict:
+    """Relative errors of each kernel against the PyTorch reference on one step of a random cache, with
+    outputs poisoned with NaN before each kernel runs; 'selected' is how many tokens the budget keeps."""
+    from kernels.latent_score import launch_latent_scores, latent_scores_reference
+    from kernels.sals_decode import combine_splits, decode_attention_reference, launch_decode
+    B, H, _, Dh = q.shape
+    q_rope = apply_rope(q, rope)
+    q_lat = cache.latent_query(q)
+    scores = poisoned(B, cache.k_lat_score.shape[1], device=q.device)
+    launch_latent_scores(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window, scores)
+    ref_scores = latent_scores_reference(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window)
+    finite = ref_scores.isfinite()
+    assert torch.equal(scores.isfinite(), finite), "scores: -inf outside the candidates, finite inside"
+    idx, keep = cache.top(ref_scores, input_pos)
+    n_split = 1 + max(1, math.ceil(idx.shape[1] / 32))  # the selection in several splits
+    m, l, acc = poisoned(B, H, n_split, device=q.device), poisoned(B, H, n_split, device=q.device), \
+        poisoned(B, H, n_split, Dh, device=q.device)
+    launch_decode(q_rope[:, :, 0].contiguous(), cache.sink_k, cache.sink_v, cache.win_k, cache.win_v,
+                  cache.window_pos, input_pos, idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U,
+                  cache.inv_freq, cache.v_q, cache.v_scale, cache.v_zero, cache.bits, m, l, acc)
+    assert not (m.isnan().any() or l.isnan().any() or acc.isnan().any()), "a partial was left unwritten"
+    out = combine_splits(m, l, acc)[:, :, None]
+    ref = decode_attention_reference(cache, q_rope, input_pos, idx, keep)
+    return {"scores": rel_err(scores[finite], ref_scores[finite]), "attention": rel_err(out, ref),
+            "selected": int(keep.sum())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+def graph_us(fn) -> float:
+    """Median microseconds of fn replayed from a CUDA graph, L2 cleared before every replay (do_bench)."""
+    from triton.testing import do_bench
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench(g.replay, warmup=50, rep=300, return_mode="median") * 1e3
+
+
+def sals_bytes(cache: SALSCache, input_pos: torch.Tensor) -> int:
+    """Bytes a decode step must read: the r* prefix of every candidate, the selected tokens' latent rows and
+    values (with scales and zeros), the sinks and window, and U."""
+    B, S, rs = cache.k_lat_score.shape
+    r = rs + cache.k_lat_rest.shape[2]
+    pos = input_pos.reshape(-1).cpu()
+    n_cand = (pos - cache.window - cache.n_sink + 1).clamp(min=0)
+    n_sel = (torch.floor((pos + 1).double() * cache.sparsity).long() - cache.n_sink - cache.window).clamp(min=0)
+    Hkv, Dh = cache.n_kv_head, cache.head_dim
+    v_token = Hkv * (Dh * 2 if cache.bits == 16 else Dh * cache.bits // 8 + 2 * 2 * Dh // GROUP)
+    return int(n_cand.sum() * rs * 2 + n_sel.sum() * (r * 2 + v_token)
+               + B * (cache.n_sink + cache.window) * Hkv * Dh * 2 * 2 + cache.U.numel() * 2)
+
+
+def bench_config(shape: str, S: int, B: int, fractions, compile_step: bool) -> list[str]:
+    H, Hkv = SHAPES[shape]
+    dense = 2 * B * Hkv * S * 128 * 2
+    free = torch.cuda.mem_get_info()[0]
+    if 1.3 * dense + 0.5 * dense > free:  # SDPA's K, V and the largest SALS cache (< 0.3 of dense) + slack
+        return [f"| {shape} | {S} | {B} | — | does not fit ({dense / 1e9:.1f} GB dense K+V, "
+                f"{free / 1e9:.1f} GB free) | | | | |"]
+    gen = torch.Generator("cuda").manual_seed(S + B)
+    q = torch.randn(B, H, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    K = torch.randn(B, Hkv, S, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    V = torch.randn(B, Hkv, S, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+        t_sdpa = graph_us(lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=Hkv != H))
+    del K, V
+    rows = [f"| {shape} | {S} | {B} | SDPA flash | {t_sdpa:.1f} | 1.00x | {dense / 1e6:.1f} MB | "
+            f"{dense / t_sdpa / 1e6:.2f} TB/s | |"]
+    for fraction in fractions:
+        cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, fraction, device="cuda", seed=S + B)
+
+        def step():
+            return cache(q, k, v, pos, rope)
+        with torch.no_grad():
+            t_step = graph_us(torch.compile(step, fullgraph=True) if compile_step else step)
+            t_score, t_topk, t_attn = piece_us(cache, q, pos, rope)
+        nbytes = sals_bytes(cache, pos)
+        rows.append(f"| {shape} | {S} | {B} | SALS-{fraction * 100:g}% | {t_step:.1f} | {t_sdpa / t_step:.2f}x | "
+                    f"{nbytes / 1e6:.1f} MB | {nbytes / t_step / 1e6:.2f} TB/s ({nbytes / t_step / 1e6 / 3.0:.0%}) "
+                    f"| {t_score:.1f} / {t_topk:.1f} / {t_attn:.1f} |")
+        del cache
+    return rows
+
+
+def piece_us(cache: SALSCache, q, pos, rope) -> tuple[float, float, float]:
+    """Microseconds of the scoring kernel, torch.topk and the fused attention (with combine), each alone."""
+    from kernels.latent_score import latent_scores
+    from kernels.sals_decode import fused_decode
+    q_lat, q_rope = cache.latent_query(q), apply_rope(q, rope)
+    s = latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)
+    idx, keep = cache.top(s, pos)
+    return (graph_us(lambda: latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)),
+            graph_us(lambda: s.topk(cache.k_max, dim=-1)),
+            graph_us(lambda: fused_decode(cache, q_rope, pos, idx, keep)))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU checks at real sizes.
+
+def check(device="cuda") -> bool:
+    """Every kernel and the whole dispatched step (eager, and compiled with mode="reduce-overhead",
+    fullgraph=True) against the PyTorch reference, Llama-2 and GQA shapes, 2/4/16-bit values, rows of
+    different lengths. bf16 tolerances: kernels 2e-2 relative (keys, probabilities and values are rounded
+    to bf16 in a different order than the reference), scores 1e-5 (both float32 sums of the same products)."""
+    ok = True
+    cases = [("llama-2-7b", 4096, 0.125, {}), ("llama-2-7b", 4096, 0.25, {}), ("mistral-7b", 32768, 0.125, {}),
+             ("mistral-7b", 8192, 0.25, dict(value_bits=16)), ("llama-2-7b", 32768, 0.125, {})]
+    for n, (shape, S, fraction, kw) in enumerate(cases):
+        H, Hkv = SHAPES[shape]
+        pos = [S - 1, S // 2 + 37, 1000, 90][:4]  # full, half, short, and no selection at all
+        cache, q, k, v, input_pos, rope = random_cache(4, S, H, Hkv, 128, fraction, pos=pos, device=device,
+                                                       seed=100 + n, **kw)
+        with torch.no_grad():
+            err = kernel_errors(cache, q, k, v, input_pos, rope)
+            good = err["scores"] < 1e-5 and err["attention"] < 2e-2
+            print(f"{'ok  ' if good else 'FAIL'} {shape} S={S} SALS-{fraction * 100:g}% {kw or ''}: "
+                  f"scores rel err {err['scores']:.1e}, attention rel err {err['attention']:.1e}, "
+                  f"{err['selected']} tokens selected", flush=True)
+            ok &= good
+            ok &= check_step(cache, q, k, v, input_pos, rope, compiled=n == 0)
+    return ok
+
+
+def check_step(cache, q, k, v, input_pos, rope, compiled: bool) -> bool:
+    """The dispatched decode step against the reference step on copies of the same cache."""
+    state = {name: t.clone() for name, t in cache.named_buffers()}
+
+    def run(fused, fn):
+        for name, t in cache.named_buffers():
+            t.copy_(state[name])
+        sals_attention.FUSED = fused
+        try:
+            return fn(q, k, v, input_pos, rope).clone()
+        finally:
+            sals_attention.FUSED = None
+    ref = run(False, cache)
+    out = run(True, cache)
+    results = [("eager", rel_err(out, ref))]
+    if compiled:
+        fn = torch.compile(cache.forward, mode="reduce-overhead", fullgraph=True)
+        run(True, fn)  # warm-up and capture
+        results.append(("compiled reduce-overhead", rel_err(run(True, fn), ref)))
+    good = all(e < 3e-2 for _, e in results)
+    print(f"{'ok  ' if good else 'FAIL'}   whole step vs reference step: "
+          + ", ".join(f"{name} rel err {e:.1e}" for name, e in results), flush=True)
+    return good
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["llama-2-7b", "mistral-7b"])
+    p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--fraction", type=float, nargs="+", default=[0.25, 0.125], choices=[0.25, 0.125])
+    p.add_argument("--compile", action="store_true", help="torch.compile the step (fuses the new token's writes)")
+    p.add_argument("--check", action="store_true", help="check the kernels against the reference, then exit")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("attention_bench.py needs a CUDA GPU (the CPU tests are tests/test_kernels.py).")
+    if args.check:
+        sys.exit(0 if check() else 1)
+    rows = []
+    for shape in args.shape:
+        for S in args.seq:
+            for B in args.batch:
+                rows += bench_config(shape, S, B, args.fraction, args.compile)
+                print(*rows[-1 - len(args.fraction):], sep="\n", flush=True)
+                torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, one layer, us = median per step "
+          f"(CUDA graph, L2 cleared), compile={args.compile}")
+    print("| shape | S | B | method | us / layer | speed-up | bytes read | bandwidth | scores / topk / attn us |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

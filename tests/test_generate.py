@@ -34,29 +34,28 @@ def random_model(n_kv_head=2, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
 @torch.no_grad()
-def test_incremental_decode_equals_full_forward_random(n_kv_head):
-    model = random_model(n_kv_head)
-    ids = torch.randint(0, 97, (2, 90))
-    pos = torch.arange(90).expand(2, 90)
-    model.setup_caches(2, 128)
+def assert_incremental_equals_full(model, ids, n_prompt, tol):
+    """Prefill n_prompt tokens, then one token per step: the logits equal one full forward pass."""
+    B, T = ids.shape
+    pos = torch.arange(T).expand(B, T)
+    model.setup_caches(B, T + 8)
     full = model(ids, pos)
-    model.setup_caches(2, 128)
-    steps = [model(ids[:, :50], pos[:, :50])] + [model(ids[:, t:t + 1], pos[:, t:t + 1]) for t in range(50, 90)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    model.setup_caches(B, T + 8)
+    steps = [model(ids[:, :n_prompt], pos[:, :n_prompt])]
+    steps += [model(ids[:, t:t + 1], pos[:, t:t + 1]) for t in range(n_prompt, T)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=tol, atol=tol)
 
 
-@torch.no_grad()
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_incremental_decode_equals_full_forward_random(n_kv_head):
+    assert_incremental_equals_full(random_model(n_kv_head), torch.randint(0, 97, (2, 90)), 50, 1e-5)
+
+
 def test_incremental_decode_equals_full_forward_smollm2(smol, shared_data):
     model, tok = smol
     ids = torch.tensor(tok.encode((shared_data / "pride_and_prejudice.txt").read_text()[5000:6000])[:120])[None]
-    pos = torch.arange(ids.shape[1])[None]
-    model.setup_caches(1, 256)
-    full = model(ids, pos)
-    model.setup_caches(1, 256)
-    steps = [model(ids[:, :80], pos[:, :80])] + [model(ids[:, t:t + 1], pos[:, t:t + 1]) for t in range(80, 120)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    assert_incremental_equals_full(model, ids, 80, 1e-4)
 
 
 @torch.no_grad()
@@ -272,3 +271,16 @@ def test_cli_sals_refuses_calibration_of_another_model(smollm2_dir, quick_calib,
 def test_cli_sals_bad_flags(smollm2_dir, quick_calib, flags, words):
     assert_clean_error(run_cli("--checkpoint", str(smollm2_dir), "--sals_calib", str(quick_calib), "--device", "cpu",
                                *flags, timeout=120), *words)
+
+
+def test_cache_memory_is_linear_in_context():
+    """No S x S buffer: everything setup_caches allocates doubles when the context doubles."""
+    cfg = dict(model_type="llama", hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=512, vocab_size=100, max_position_embeddings=1 << 17)
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_config(cfg))
+
+    def buffer_bytes(S):
+        model.setup_caches(1, S)
+        return sum(b.numel() * b.element_size() for b in model.buffers())
+    assert buffer_bytes(1 << 17) == 2 * buffer_bytes(1 << 16)

@@ -8,6 +8,7 @@ projection and quantization of the new token and its writes, latent query, scori
 fused gather/rebuild/attend kernel and the split combine. SDPA gets q (B, 32, 1, 128) and bf16 K, V
 (B, hkv, S, 128) with enable_gqa. Both are captured in CUDA graphs and timed with triton's do_bench
 (median; do_bench clears the L2 cache before every call, so no input set is ever read from L2).
+The step is torch.compile'd (default mode; --eager to compare) before capture, as generate.py does.
 Bandwidth: bytes the SALS step must read (r* latent prefix of every candidate, the selected latent rows
 and quantized values, sinks and window, U) per second, against the 3.0 TB/s copy ceiling.
 """
@@ -133,7 +134,7 @@ def sals_bytes(cache: SALSCache, input_pos: torch.Tensor) -> int:
                + B * (cache.n_sink + cache.window) * Hkv * Dh * 2 * 2 + cache.U.numel() * 2)
 
 
-def bench_config(shape: str, S: int, B: int, fractions, compile_step: bool) -> list[str]:
+def bench_config(shape: str, S: int, B: int, fractions, eager: bool) -> list[str]:
     H, Hkv = SHAPES[shape]
     dense = 2 * B * Hkv * S * 128 * 2
     free = torch.cuda.mem_get_info()[0]
@@ -155,7 +156,7 @@ def bench_config(shape: str, S: int, B: int, fractions, compile_step: bool) -> l
         def step():
             return cache(q, k, v, pos, rope)
         with torch.no_grad():
-            t_step = graph_us(torch.compile(step, fullgraph=True) if compile_step else step)
+            t_step = graph_us(step if eager else torch.compile(step, fullgraph=True))
             t_score, t_topk, t_attn = piece_us(cache, q, pos, rope)
         nbytes = sals_bytes(cache, pos)
         rows.append(f"| {shape} | {S} | {B} | SALS-{fraction * 100:g}% | {t_step:.1f} | {t_sdpa / t_step:.2f}x | "
@@ -235,22 +236,30 @@ def main(argv=None):
     p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--fraction", type=float, nargs="+", default=[0.25, 0.125], choices=[0.25, 0.125])
-    p.add_argument("--compile", action="store_true", help="torch.compile the step (fuses the new token's writes)")
+    p.add_argument("--configs", nargs="+", metavar="SHAPE:S:B", help="explicit configs instead of the grid")
+    p.add_argument("--eager", action="store_true",
+                   help="do not torch.compile the step (inductor fuses the new token's ~30 small write ops)")
     p.add_argument("--check", action="store_true", help="check the kernels against the reference, then exit")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("attention_bench.py needs a CUDA GPU (the CPU tests are tests/test_kernels.py).")
     if args.check:
         sys.exit(0 if check() else 1)
+    configs = [(shape, S, B) for shape in args.shape for S in args.seq for B in args.batch]
+    if args.configs:
+        try:
+            configs = [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in args.configs]
+            assert all(shape in SHAPES for shape, _, _ in configs)
+        except (IndexError, ValueError, AssertionError):
+            sys.exit(f"--configs takes SHAPE:S:B items with SHAPE in {sorted(SHAPES)}, e.g. llama-2-7b:4096:16")
     rows = []
-    for shape in args.shape:
-        for S in args.seq:
-            for B in args.batch:
-                rows += bench_config(shape, S, B, args.fraction, args.compile)
-                print(*rows[-1 - len(args.fraction):], sep="\n", flush=True)
-                torch.cuda.empty_cache()
+    for shape, S, B in configs:
+        new = bench_config(shape, S, B, args.fraction, args.eager)
+        print(*new, sep="\n", flush=True)
+        rows += new
+        torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, one layer, us = median per step "
-          f"(CUDA graph, L2 cleared), compile={args.compile}")
+          f"(CUDA graph, L2 cleared), step compiled={not args.eager}")
     print("| shape | S | B | method | us / layer | speed-up | bytes read | bandwidth | scores / topk / attn us |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))

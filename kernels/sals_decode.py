@@ -210,9 +210,14 @@ def fused_decode(cache, q_rope: Tensor, input_pos: Tensor, idx: Tensor, keep: Te
 if __name__ == "__main__":
     from triton.testing import do_bench
     from bench.attention_bench import random_cache
-    for B, S, Hkv in [(16, 4096, 32), (8, 32768, 8)]:
-        cache, q_rope, pos, idx, keep = random_cache(B, S, 32, Hkv, 0.125, seed=0)
+    from model import apply_rope
+    for B, S, Hkv in [(16, 4096, 32), (8, 4096, 32), (8, 32768, 8)]:
+        cache, q, k, v, pos, rope = random_cache(B, S, 32, Hkv, fraction=0.125, device="cuda", seed=B)
+        q_rope = apply_rope(q, rope)
+        idx, keep = cache.select(q, q_rope, pos, None)
         ref = decode_attention_reference(cache, q_rope, pos, idx, keep).float()
         err = (fused_decode(cache, q_rope, pos, idx, keep).float() - ref).norm() / ref.norm()
-        t = do_bench(lambda: fused_decode(cache, q_rope, pos, idx, keep))
-        print(f"B={B} S={S} Hkv={Hkv}: fused decode {t * 1e3:.1f} us, rel err {err:.1e}")
+        t = do_bench(lambda: fused_decode(cache, q_rope, pos, idx, keep), return_mode="median")
+        flop = 2 * int(keep.sum()) * cache.U.numel() * 1.0
+        print(f"B={B} S={S} Hkv={Hkv} SALS-12.5%: fused decode {t * 1e3:.1f} us (key rebuild {flop / t / 1e9:.0f} "
+              f"TFLOP/s), rel err {err:.1e}")

@@ -4,8 +4,8 @@ Triton fixes interpreter mode when a kernel (or triton.language itself) is first
 modes in one process fails, so the kernel checks run in a child pytest with TRITON_INTERPRET=1: the one
 test this module shows to the parent process, and nothing else in the parent sees Triton at all.
 Outputs are poisoned with NaN before each kernel runs. float32 inputs are compared tightly (1e-5 relative:
-the kernels and the reference differ only in summation order, and RoPE angles by < 2^-24 turn); the bf16
-case at 2e-2 (keys, probabilities and values are rounded to bf16 at different points).
+the kernels and the reference differ only in summation order, and RoPE angles by < 2^-24 turn); the
+float16 case at 2e-3.
 """
 import math
 import os
@@ -27,14 +27,11 @@ CHILD = os.environ.get("SALS_KERNEL_TESTS") == "child"
 
 def test_kernels_in_triton_interpreter():
     """Runs the check_* functions below (collected as tests in the child) under TRITON_INTERPRET=1."""
-    if CHILD:
-        pytest.fail("the child process must not collect its own launcher")  # never reached: removed below
     env = dict(os.environ, TRITON_INTERPRET="1", SALS_KERNEL_TESTS="child")
     r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and " failed" not in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
-    n = len([name for name in globals() if name.startswith("check_")])
-    assert f"{N_CHILD_TESTS} passed" in r.stdout and n == 5, r.stdout[-2000:]
+    assert f"{N_CHILD_TESTS} passed" in r.stdout, r.stdout[-2000:]  # every check ran, none skipped
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,11 +83,14 @@ def check_decode_kernels_float32(n_head, n_kv_head, head_dim, kw):
     assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["scores"] < 1e-5 and err["attention"] < 1e-5, err
 
 
-def check_decode_kernels_bfloat16():
-    cache, *step = random_cache(2, 200, 8, 2, 64, pos=[199, 120], seed=5, sink=4, window=8, sparsity=0.25,
-                                rank_fraction=0.25, value_bits=4)
+def check_decode_kernels_float16():
+    """16-bit inputs as on a GPU: keys, probabilities and values rounded to 16 bits where the reference rounds
+    them too, but at different points (2e-3: two half-precision ulps; 3e-4 measured). float16, not bfloat16:
+    Triton's interpreter holds bfloat16 as raw integers and adds them as such (gpu_sals.sh checks bf16 on a GPU)."""
+    cache, *step = random_cache(2, 200, 8, 2, 64, pos=[199, 120], dtype=torch.float16, seed=5, sink=4, window=8,
+                                sparsity=0.25, rank_fraction=0.25, value_bits=4)
     err = kernel_errors(cache, *step)
-    assert err["selected"] == (50 - 12) + (30 - 12) and err["scores"] < 1e-5 and err["attention"] < 2e-2, err
+    assert err["selected"] == (50 - 12) + (30 - 12) and err["scores"] < 1e-5 and err["attention"] < 2e-3, err
 
 
 def check_decode_kernel_rotates_far_positions_exactly():

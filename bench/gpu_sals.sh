@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device call (< 8 min): the SALS Triton kernels checked against the PyTorch reference at real sizes, then
+# one layer timed against SDPA flash. Logs in $OUT; the markdown table is printed last (see bench/NOTES.md).
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+echo "== kernels and whole step vs the PyTorch reference (NaN-poisoned outputs, bf16, relative errors)"
+timeout 150 python bench/attention_bench.py --check 2>&1 | grep -v Warning | tee "$OUT/check.log"
+check=$?
+if [ -n "${MICRO:-}" ]; then
+  echo "== micro-benchmarks of each kernel"
+  timeout 45 python kernels/latent_score.py 2>&1 | tee "$OUT/kernels.log"
+  timeout 45 python kernels/sals_decode.py 2>&1 | tee -a "$OUT/kernels.log"
+fi
+
+echo "== one layer: SALS step (torch.compile'd, CUDA graph) vs SDPA flash"
+bench() { log=$1; shift; timeout "$@" 2>&1 | grep -v Warning > "$OUT/$log"; echo "$log exit status $?"; \
+          grep -v '^| ' "$OUT/$log" | tail -8; }
+bench bench_4k.log 150 python bench/attention_bench.py --fraction 0.25 0.125 \
+    --configs llama-2-7b:4096:8 llama-2-7b:4096:16 mistral-7b:4096:8
+bench bench_32k.log 150 python bench/attention_bench.py --fraction 0.125 \
+    --configs llama-2-7b:4096:1 llama-2-7b:32768:1 llama-2-7b:32768:8 mistral-7b:32768:8
+echo "check exit status: $check (0 = every kernel within tolerance)"
+# the table: header once, then the rows of both runs (progress rows if a run was cut short)
+for log in bench_4k.log bench_32k.log; do
+    rows=$(sed -n '/^| shape/,$p' "$OUT/$log"); [ -n "$rows" ] || rows=$(grep '^| ' "$OUT/$log")
+    if [ "$log" = bench_4k.log ]; then echo "$rows" | grep '^| shape\|^| ---' | head -2; fi
+    echo "$rows" | grep '^| ' | grep -v '^| shape\|^| ---'
+done

@@ -257,6 +257,9 @@ def sals_setup(args, model: Transformer, default_model: bool):
     print(f"SALS: rank {resolved.rank}, score dims {resolved.score_dims}, {resolved.value_bits}-bit values, "
           f"sparsity {resolved.sparsity:g}, {resolved.sink} sinks, window {resolved.window}, dense layers "
           f"{list(resolved.dense_layers)}", file=sys.stderr)
+    if torch.device(args.device).type == "cuda":
+        print("note: on the GPU the SALS decode step is not yet faster than dense attention (BENCHMARKS.md); "
+              "it saves cache memory, so larger batches fit", file=sys.stderr)
     return lambda B, S: setup_sals(model, B, S, cfg, calib)
 
 

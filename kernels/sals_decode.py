@@ -50,7 +50,8 @@ def _attend_block(q1, q2, k1, k2, v, valid, m, l, acc, qk_scale, PREC: tl.conste
 def _sals_decode_kernel(
         q_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr, win_pos_ptr, pos_ptr,
         idx_ptr, keep_ptr, kls_ptr, klr_ptr, u_ptr, inv_freq_ptr, vq_ptr, vs_ptr, vz_ptr,
-        m_ptr, l_ptr, acc_ptr, S, Hkv, K, stride_ud, stride_ur, qk_scale,
+        m_ptr, l_ptr, acc_ptr, S, Hkv, K, stride_ud, stride_ur,
+        qk_scale: tl.constexpr,  # constexpr: under torch.compile a float argument would arrive as fp64
         G: tl.constexpr, HD: tl.constexpr, N_SINK: tl.constexpr, W: tl.constexpr, RS: tl.constexpr,
         RR: tl.constexpr, BITS: tl.constexpr, TPS: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr):

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies
+from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies, rope_table
 
 GROUP = 32  # value channels sharing one scale and zero
 FUSED = None  # decode with the Triton kernels of kernels/: None = on CUDA tensors; True/False forces it (tests)
@@ -129,9 +129,13 @@ def _put(buf: Tensor, b: Tensor, idx: Tensor, val: Tensor, ok: Tensor):
 class SALSCache(nn.Module):
     """One layer's SALS cache; same interface as model.KVCache. Buffers are token-major (B, S, ...):
     every token at position >= sink is compressed when it arrives (latent key + quantized value), and
-    also kept at full precision, post-RoPE, while in the window ring (slot (pos - sink) % window)."""
+    also kept at full precision, post-RoPE, while in the window ring (slot (pos - sink) % window).
+    rope: the model's (cos, sin) table (S, Dh/2, 2) float32 (model.rope_table), read by the fused kernel and held
+    by reference, not as a buffer: setup_sals hands every layer the one table of the model; None builds one
+    (standalone caches). It must be on the device the step runs on; the reference path does not use it."""
 
-    def __init__(self, cfg: SALSConfig, args: ModelArgs, batch_size: int, max_seq_length: int, U: Tensor):
+    def __init__(self, cfg: SALSConfig, args: ModelArgs, batch_size: int, max_seq_length: int, U: Tensor,
+                 rope: Tensor | None = None):
         super().__init__()
         if cfg.rank is None:
             raise ValueError("SALSCache needs a resolved config: cfg.resolve(args, r_max).")
@@ -143,13 +147,17 @@ class SALSCache(nn.Module):
         self.n_kv_head, self.head_dim, self.G, self.rs = Hkv, Dh, args.n_head // Hkv, rs
         self.n_sink, self.window, self.bits, self.sparsity = cfg.sink, cfg.window, cfg.value_bits, cfg.sparsity
         self.oracle = cfg.selector == "oracle"
+        self.rope = rope_table(args, S) if rope is None else rope
+        if self.rope.shape[0] < S or self.rope.shape[1:] != (Dh // 2, 2) or self.rope.dtype != torch.float32:
+            raise ValueError(f"rope has shape {tuple(self.rope.shape)} {self.rope.dtype}, expected the model's table "
+                             f"({S} or more, {Dh // 2}, 2) float32 (model.rope_table).")
         self.k_max = max(0, math.ceil(cfg.sparsity * S) - cfg.sink - cfg.window)  # static top-k width
         dt, sdt = U.dtype, scale_dtype(U.dtype)
         q_width = Dh if cfg.value_bits == 16 else Dh * cfg.value_bits // 8
         full = lambda n: torch.zeros(B, n, Hkv, Dh, dtype=dt)  # noqa: E731
         buffers = {
             "U": U,  # (D, r)
-            "inv_freq": rope_frequencies(args),  # (Dh/2,) float64: RoPE at any position, as the model's table
+            "inv_freq": rope_frequencies(args),  # (Dh/2,) float64: the reference's angles, bit for bit the table's
             "k_lat_score": torch.zeros(B, S, rs, dtype=dt),  # latent prefix read by the ranking
             "k_lat_rest": torch.zeros(B, S, r - rs, dtype=dt),
             "v_q": torch.zeros(B, S, Hkv, q_width, dtype=dt if cfg.value_bits == 16 else torch.uint8),
@@ -202,6 +210,9 @@ class SALSCache(nn.Module):
         module never initializes Triton (its interpreter mode is fixed when a kernel is defined)."""
         from kernels.latent_score import latent_scores
         from kernels.sals_decode import fused_decode
+        if self.rope.device != q.device:
+            raise ValueError(f"the RoPE table is on {self.rope.device} but the step runs on {q.device}: build the "
+                             f"cache with rope=<the model's table on that device> (setup_sals does).")
         s = latent_scores(self.k_lat_score, self.latent_query(q), input_pos, self.n_sink, self.window)  # (B, S)
         idx, keep = self.top(s, input_pos)
         return fused_decode(self, q_rope, input_pos, idx, keep)
@@ -240,7 +251,7 @@ class SALSCache(nn.Module):
         and rotated at their ORIGINAL positions."""
         lat = torch.cat([self.k_lat_score[b[:, None], idx], self.k_lat_rest[b[:, None], idx]], -1)  # (n, k, r)
         k = (lat @ self.U.T).unflatten(-1, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
-        angles = idx[..., None].double() * self.inv_freq  # (n, k, Dh/2)
+        angles = idx[..., None].double() * self.inv_freq  # (n, k, Dh/2), the same float64 products as rope_table
         return apply_rope(k, torch.stack([angles.cos(), angles.sin()], -1).float()).transpose(1, 2)
 
     def values(self, b: Tensor, idx: Tensor) -> Tensor:
@@ -304,9 +315,14 @@ def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, cal
                          f"recalibrate with `python calibrate.py --checkpoint DIR`.")
     cfg = cfg.resolve(a, vecs[0].shape[1])
 
+    rope = rope_table(a, max_seq_length).to(model.output.weight.device)  # one table for every SALS layer
+
     def make_cache(i, args, B, S, dtype):
         if i in cfg.dense_layers:
             return KVCache(B, S, args.n_kv_head, args.head_dim, dtype)
-        return SALSCache(cfg, args, B, S, vecs[i][:, :cfg.rank].to(dtype))
+        return SALSCache(cfg, args, B, S, vecs[i][:, :cfg.rank].to(dtype), rope)
     model.setup_caches(batch_size, max_seq_length, make_cache)
+    for layer in model.layers:  # the model has built the same table: keep only that one
+        if isinstance(layer.attention.kv_cache, SALSCache):
+            layer.attention.kv_cache.rope = model.rope
     return cfg

@@ -2,6 +2,7 @@
 
     python bench/attention_bench.py --shape llama-2-7b mistral-7b --seq 4096 32768 --batch 1 8 16
     python bench/attention_bench.py --check      # kernels vs the PyTorch reference at real sizes
+    python bench/attention_bench.py --fast       # short check, launch-setting sweep, four SALS-12.5% shapes (< 4 min)
 
 The SALS step is SALSCache.forward for one new token, everything a step needs: RoPE of q and k, latent
 projection and quantization of the new token and its writes, latent query, scoring, torch.topk, the
@@ -43,7 +44,8 @@ def random_cache(B: int, S: int, n_head: int, n_kv_head: int, head_dim: int = 12
     D, gen = n_kv_head * head_dim, torch.Generator(device).manual_seed(seed)
     cfg = SALSConfig.preset(fraction, **overrides).resolve(args, D)
     U = torch.linalg.qr(torch.randn(D, cfg.rank, generator=gen, device=device))[0]  # orthonormal columns
-    cache = SALSCache(cfg, args, B, S, U.to(dtype)).to(device)
+    table = rope_table(args, S).to(device)
+    cache = SALSCache(cfg, args, B, S, U.to(dtype), table).to(device)
     k_std = math.sqrt(cfg.rank / D)  # a reconstructed key channel's std when latents are N(0, 1)
     with torch.no_grad():
         for name, std in [("k_lat_score", 1), ("k_lat_rest", 1), ("sink_k", k_std), ("win_k", k_std),
@@ -64,7 +66,7 @@ def random_cache(B: int, S: int, n_head: int, n_kv_head: int, head_dim: int = 12
     k = torch.randn(B, n_kv_head, 1, head_dim, generator=gen, device=device).to(dtype)
     v = torch.randn(B, n_kv_head, 1, head_dim, generator=gen, device=device).to(dtype)
     input_pos = pos[:, None].to(device)
-    return cache, q, k, v, input_pos, rope_table(args, S).to(device)[input_pos]
+    return cache, q, k, v, input_pos, table[input_pos]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -75,9 +77,12 @@ def poisoned(*shape, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
 
 
-def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope) -> dict:
+def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None = None,
+                  n_split: int | None = None) -> dict:
     """Relative errors of each kernel against the PyTorch reference on one step of a random cache, with
-    outputs poisoned with NaN before each kernel runs; 'selected' is how many tokens the budget keeps."""
+    outputs poisoned with NaN before each kernel runs; 'selected' is how many tokens the budget keeps.
+    cfg: the fused kernel's launch settings (default: kernels.sals_decode.decode_config); n_split: its
+    splits, selection included (default: one per 32 selected tokens, plus the sinks/window split)."""
     from kernels.latent_score import launch_latent_scores, latent_scores_reference
     from kernels.sals_decode import combine_splits, decode_attention_reference, launch_decode
     B, H, _, Dh = q.shape
@@ -89,12 +94,12 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope) -> dict:
     finite = ref_scores.isfinite()
     assert torch.equal(scores.isfinite(), finite), "scores: -inf outside the candidates, finite inside"
     idx, keep = cache.top(ref_scores, input_pos)
-    n_split = 1 + max(1, math.ceil(idx.shape[1] / 32))  # the selection in several splits
+    n_split = n_split or 1 + max(1, math.ceil(idx.shape[1] / 32))  # the selection in several splits
     m, l, acc = poisoned(B, H, n_split, device=q.device), poisoned(B, H, n_split, device=q.device), \
         poisoned(B, H, n_split, Dh, device=q.device)
     launch_decode(q_rope[:, :, 0].contiguous(), cache.sink_k, cache.sink_v, cache.win_k, cache.win_v,
                   cache.window_pos, input_pos, idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U,
-                  cache.inv_freq, cache.v_q, cache.v_scale, cache.v_zero, cache.bits, m, l, acc)
+                  cache.rope, cache.v_q, cache.v_scale, cache.v_zero, cache.bits, m, l, acc, cfg)
     assert not (m.isnan().any() or l.isnan().any() or acc.isnan().any()), "a partial was left unwritten"
     out = combine_splits(m, l, acc)[:, :, None]
     ref = decode_attention_reference(cache, q_rope, input_pos, idx, keep)
@@ -230,6 +235,100 @@ def check_step(cache, q, k, v, input_pos, rope, compiled: bool) -> bool:
     return good
 
 
+# Launch-setting variants of the fused kernel (kernels/sals_decode.CONFIGS), timed alone by --sweep/--fast. Registers
+# from an offline sm_90 compile (ptxas -v, triton 3.6): every one <= 255 without spills unless marked.
+SWEEP = {
+    "mha": [dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),  # 218 regs
+            dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=8, num_stages=3),
+            dict(heads=2, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=1),  # 255 regs
+            dict(heads=2, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),  # 152 B spilled
+            dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=3)],  # 255 regs
+    "gqa": [dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),  # 208 regs
+            dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=3),  # 242 regs
+            dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3)],  # 232 regs
+}
+
+
+SWEEP_HEADER = ("| shape | variant | kernel us | rebuild TFLOP/s | rel err | regs / spills |\n"
+                "| --- | --- | --- | --- | --- | --- |")
+
+
+def sweep(shape: str, S: int, B: int) -> list[str]:
+    """Times the fused kernel (with the split combine) alone for each SWEEP variant of the shape's family at
+    SALS-12.5%, checks each against the reference (NaN-poisoned partials), and makes the fastest correct one
+    kernels.sals_decode.CONFIGS[family] for what runs next in this process. Returns markdown rows."""
+    from kernels import sals_decode as sd
+    from kernels.latent_score import latent_scores
+    H, Hkv = SHAPES[shape]
+    family = "mha" if H == Hkv else "gqa"
+    cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, 0.125, device="cuda", seed=7)
+    q_rope = apply_rope(q, rope)
+    idx, keep = cache.top(latent_scores(cache.k_lat_score, cache.latent_query(q), pos, cache.n_sink, cache.window), pos)
+    ref = sd.decode_attention_reference(cache, q_rope, pos, idx, keep)
+    flop = 2 * int(keep.sum()) * cache.U.numel()
+    args = (q_rope[:, :, 0].contiguous(), cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, pos,
+            idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q, cache.v_scale,
+            cache.v_zero, cache.bits)
+    rows, best = [], None
+    for cfg in SWEEP[family]:
+        n = 1 + sd.split_count(idx.shape[1], B * Hkv // sd.heads_per_program(Hkv, cfg), cfg)
+        m, l = poisoned(B, H, n, device="cuda"), poisoned(B, H, n, device="cuda")
+        acc = poisoned(B, H, n, q.shape[-1], device="cuda")
+        name = " ".join(f"{key}={val}" for key, val in cfg.items())
+        try:
+            handle = sd.launch_decode(*args, m, l, acc, cfg)
+            err = rel_err(sd.combine_splits(m, l, acc)[:, :, None], ref)
+            t = graph_us(lambda: (sd.launch_decode(*args, m, l, acc, cfg), sd.combine_splits(m, l, acc)))
+        except Exception as e:  # a variant that does not compile (shared memory, registers) is reported, not fatal
+            rows.append(f"| {shape} {S} B={B} | {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | |")
+            print(rows[-1], flush=True)
+            continue
+        regs = f"{getattr(handle, 'n_regs', '?')} / {getattr(handle, 'n_spills', '?')}"
+        rows.append(f"| {shape} {S} B={B} | {name} | {t:.1f} | {flop / t / 1e6:.0f} | {err:.1e} | {regs} |")
+        print(rows[-1], flush=True)
+        if err < 2e-2 and (best is None or t < best[0]):
+            best = (t, cfg)
+    if best:
+        sd.CONFIGS[family] = best[1]
+        rows.append(f"| {shape} {S} B={B} | **fastest: {' '.join(f'{k}={v}' for k, v in best[1].items())}** | "
+                    f"{best[0]:.1f} | | | |")
+    return rows
+
+
+def fast() -> bool:
+    """One short device call: the kernels checked at two real sizes, the launch-setting sweep at one MHA and one
+    GQA shape (its winners used from then on), then SALS-12.5% vs SDPA at four shapes. Tables printed last."""
+    ok = True
+    for n, (shape, S) in enumerate([("llama-2-7b", 4096), ("mistral-7b", 32768)]):
+        H, Hkv = SHAPES[shape]
+        cache, q, k, v, input_pos, rope = random_cache(4, S, H, Hkv, 128, 0.125, pos=[S - 1, S // 2 + 37, 1000, 90],
+                                                       device="cuda", seed=100 + n)
+        with torch.no_grad():
+            err = kernel_errors(cache, q, k, v, input_pos, rope)
+            good = err["scores"] < 1e-5 and err["attention"] < 2e-2
+            print(f"{'ok  ' if good else 'FAIL'} {shape} S={S} SALS-12.5%: scores rel err {err['scores']:.1e}, "
+                  f"attention rel err {err['attention']:.1e}, {err['selected']} tokens selected", flush=True)
+            ok &= good and check_step(cache, q, k, v, input_pos, rope, compiled=False)
+        del cache
+    print(SWEEP_HEADER)
+    with torch.no_grad():
+        sweep_rows = sweep("llama-2-7b", 4096, 8) + sweep("mistral-7b", 32768, 8)
+    rows = []
+    for shape, S, B in [("llama-2-7b", 4096, 8), ("llama-2-7b", 4096, 16), ("llama-2-7b", 32768, 8),
+                        ("mistral-7b", 32768, 8)]:
+        new = bench_config(shape, S, B, [0.125], eager=False)
+        print(*new, sep="\n", flush=True)
+        rows += new
+        torch.cuda.empty_cache()
+    print(f"\ncheck: {'all ok' if ok else 'FAILED'}; {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(SWEEP_HEADER)
+    print("\n".join(sweep_rows))
+    print("\n| shape | S | B | method | us / layer | speed-up | bytes read | bandwidth | scores / topk / attn us |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    return ok
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["llama-2-7b", "mistral-7b"])
@@ -240,11 +339,14 @@ def main(argv=None):
     p.add_argument("--eager", action="store_true",
                    help="do not torch.compile the step (inductor fuses the new token's ~30 small write ops)")
     p.add_argument("--check", action="store_true", help="check the kernels against the reference, then exit")
+    p.add_argument("--fast", action="store_true", help="short check, launch-setting sweep, four shapes (see fast())")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("attention_bench.py needs a CUDA GPU (the CPU tests are tests/test_kernels.py).")
     if args.check:
         sys.exit(0 if check() else 1)
+    if args.fast:
+        sys.exit(0 if fast() else 1)
     configs = [(shape, S, B) for shape in args.shape for S in args.seq for B in args.batch]
     if args.configs:
         try:

@@ -1,17 +1,18 @@
 """SALS steps 5-6 as one Triton kernel, flash-decoding style: gather, rebuild, rotate, dequantize, attend.
 
-Grid (B, Hkv, 1 + n_splits). Split 0 of each (sequence, KV head) attends over the full-precision sinks
-and window; split s >= 1 over its share of the selected tokens, whose keys are rebuilt from the latent
-rows (k_lat_score | k_lat_rest)[idx] @ U[h*Dh:(h+1)*Dh]^T in two halves (rotate-half RoPE pairs channel
-i with i + Dh/2), rotated at each token's original position, and never written to memory; values are
-dequantized on the fly. All G query heads of the KV group attend in the same program (online softmax
-in float32, base 2); each split writes a partial (max, sum, acc) and torch ops combine the splits.
+Grid (B, Hkv / heads, 1 + n_splits): each program serves `heads` adjacent KV heads of one sequence, so
+one latent tile feeds the rebuild of several heads (MHA has one query row per KV head, so the rebuild,
+not attention, is the work). Split 0 attends over the full-precision sinks and window; split s >= 1 over
+its share of the selected tokens, whose keys are rebuilt from the latent rows
+(k_lat_score | k_lat_rest)[idx] @ U[rows of these heads]^T as two halves k1, k2 (BLOCK_N, heads * Dh/2)
+(rotate-half RoPE pairs channel i with i + Dh/2), rotated at each token's original position with the
+model's float32 (cos, sin) table, and never written to memory; values are dequantized on the fly.
+The G query heads of each KV head are the rows of one block-diagonal query matrix (row r holds its
+head's channels, zeros elsewhere), so q.k and p.v stay tensor-core dots of >= 16 rows whatever G is
+(the padding costs ~6% of the rebuild's FLOPs at MHA). Online softmax in float32, base 2; each split
+writes a partial (max, sum, acc) and torch ops combine the splits.
 
-RoPE angles: pos * inv_freq in float32 loses ~1e-3 rad at 32K positions, so the kernel turns
-inv_freq / (2 pi) into a 64-bit fixed-point fraction F and takes pos * F modulo 2^64 (integer
-wrap-around = whole turns dropped, exactly): the angle keeps a 2^-24-turn resolution at any position.
-
-    python kernels/sals_decode.py          # micro-benchmark on a GPU (Llama-2-7B layer, SALS-12.5%)
+    python kernels/sals_decode.py          # micro-benchmark on a GPU (Llama-2-7B / Mistral-7B layers, SALS-12.5%)
 """
 import math
 import sys
@@ -25,18 +26,22 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# 2^64 / (2 pi) as a sum of two float32-exact numbers: Triton makes float literals float32 constants.
-_TURN_HI = tl.constexpr(2.9358903848421294e+18)
-_TURN_LO = tl.constexpr(118439870464.0)
-_PI = tl.constexpr(math.pi)
+# Launch settings per family (G == 1: "mha", else "gqa"); bench/attention_bench.py --sweep times variants and
+# may overwrite these before it compiles a step. heads: KV heads per program; split_blocks: token blocks per
+# selection split (None: enough splits for ~4 programs per SM).
+CONFIGS = {
+    "mha": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
+    "gqa": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
+}
+INTERPRETER_CONFIG = dict(heads=2, block_n=16, block_r=16, split_blocks=None, num_warps=1, num_stages=1)
 
 
 @triton.jit
 def _attend_block(q1, q2, k1, k2, v, valid, m, l, acc, qk_scale, PREC: tl.constexpr):
-    """Online softmax update of (m, l, acc) (BLOCK_G,), (BLOCK_G,), (BLOCK_G, Dh) with BLOCK_N keys given
-    as halves k1, k2 (BLOCK_N, Dh/2) and values v (BLOCK_N, Dh); base-2 logits."""
+    """Online softmax update of (m, l, acc) (BLOCK_Q,), (BLOCK_Q,), (BLOCK_Q, heads*Dh) with BLOCK_N keys given
+    as halves k1, k2 (BLOCK_N, heads*Dh/2) and values v (BLOCK_N, heads*Dh); base-2 logits."""
     s = tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
-    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # (BLOCK_G, BLOCK_N)
+    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # (BLOCK_Q, BLOCK_N)
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep exp2 finite
     alpha = tl.exp2(m - m_safe)
@@ -47,26 +52,58 @@ def _attend_block(q1, q2, k1, k2, v, valid, m, l, acc, qk_scale, PREC: tl.conste
 
 
 @triton.jit
+def _rebuild(k1, k2, lat_row, ok, u1, u2, C0: tl.constexpr, WIDTH: tl.constexpr, stride_ur,
+             BLOCK_R: tl.constexpr, PREC: tl.constexpr):
+    """k1, k2 (BLOCK_N, NH) += latent coordinates C0 .. C0+WIDTH-1 of the tokens (lat_row (BLOCK_N, 1): their
+    rows of a (B, S, WIDTH) buffer) @ the matching rows of U^T (u1, u2 (1, NH) pointers to U's rows)."""
+    for c0 in range(0, WIDTH, BLOCK_R):
+        c = c0 + tl.arange(0, BLOCK_R)
+        lat = tl.load(lat_row + c[None, :], mask=ok[:, None] & (c[None, :] < WIDTH), other=0.0)  # (BLOCK_N, BLOCK_R)
+        u_off = (C0 + c[:, None]) * stride_ur
+        k1 = tl.dot(lat, tl.load(u1 + u_off, mask=c[:, None] < WIDTH, other=0.0), k1, input_precision=PREC)
+        k2 = tl.dot(lat, tl.load(u2 + u_off, mask=c[:, None] < WIDTH, other=0.0), k2, input_precision=PREC)
+    return k1, k2
+
+
+@triton.jit
+def _values(vq_ptr, vs_ptr, vz_ptr, vrow, ok, cv, HD: tl.constexpr, BITS: tl.constexpr, dtype: tl.constexpr):
+    """Values (BLOCK_N, NV) of token rows vrow (BLOCK_N, 1) = (b * S + j) * Hkv + first head; cv (NV,) the
+    columns (heads adjacent, so a column's byte and group offsets run on across heads)."""
+    if BITS == 16:
+        return tl.load(vq_ptr + vrow * HD + cv[None, :], mask=ok[:, None], other=0.0)
+    PER: tl.constexpr = 8 // BITS
+    byte = tl.load(vq_ptr + vrow * (HD // PER) + cv[None, :] // PER, mask=ok[:, None], other=0)
+    qv = (byte.to(tl.int32) >> ((cv[None, :] % PER) * BITS)) & (2 ** BITS - 1)
+    grp = vrow * (HD // 32) + cv[None, :] // 32
+    scale = tl.load(vs_ptr + grp, mask=ok[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(vz_ptr + grp, mask=ok[:, None], other=0.0).to(tl.float32)
+    return (qv.to(tl.float32) * scale + zero).to(dtype)
+
+
+@triton.jit
 def _sals_decode_kernel(
         q_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr, win_pos_ptr, pos_ptr,
-        idx_ptr, keep_ptr, kls_ptr, klr_ptr, u_ptr, inv_freq_ptr, vq_ptr, vs_ptr, vz_ptr,
+        idx_ptr, keep_ptr, kls_ptr, klr_ptr, u_ptr, rope_ptr, vq_ptr, vs_ptr, vz_ptr,
         m_ptr, l_ptr, acc_ptr, S, Hkv, K, stride_ud, stride_ur,
         qk_scale: tl.constexpr,  # constexpr: under torch.compile a float argument would arrive as fp64
         G: tl.constexpr, HD: tl.constexpr, N_SINK: tl.constexpr, W: tl.constexpr, RS: tl.constexpr,
-        RR: tl.constexpr, BITS: tl.constexpr, TPS: tl.constexpr, BLOCK_G: tl.constexpr,
+        RR: tl.constexpr, BITS: tl.constexpr, TPS: tl.constexpr, HEADS: tl.constexpr, BLOCK_Q: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr):
-    b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, split = tl.program_id(0), tl.program_id(2)
+    h0 = tl.program_id(1) * HEADS  # first KV head of this program
     n_split = tl.num_programs(2)
     HD2: tl.constexpr = HD // 2
-    g = tl.arange(0, BLOCK_G)
-    d2 = tl.arange(0, HD2)
-    d = tl.arange(0, HD)
-    q_row = q_ptr + ((b * Hkv + h) * G + g[:, None]) * HD  # heads h*G .. h*G+G-1, (BLOCK_G, 1)
-    q1 = tl.load(q_row + d2[None, :], mask=g[:, None] < G, other=0.0)  # (BLOCK_G, HD2), post-RoPE
-    q2 = tl.load(q_row + HD2 + d2[None, :], mask=g[:, None] < G, other=0.0)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HD], tl.float32)
+    row = tl.arange(0, BLOCK_Q)  # query rows: query heads h0*G + row, row < HEADS*G
+    col = tl.arange(0, HEADS * HD2)  # key-half columns: (head col // HD2, channel col % HD2)
+    cv = tl.arange(0, HEADS * HD)  # value columns: (head cv // HD, channel cv % HD)
+    own = (row[:, None] // G == col[None, :] // HD2) & (row[:, None] < HEADS * G)  # block-diagonal query
+    q_row = q_ptr + ((b * Hkv + h0) * G + row[:, None]) * HD + col[None, :] % HD2
+    q1 = tl.load(q_row, mask=own, other=0.0)  # (BLOCK_Q, HEADS*HD2), post-RoPE
+    q2 = tl.load(q_row + HD2, mask=own, other=0.0)
+    kcol = (h0 + col // HD2) * HD + col % HD2  # (HEADS*HD2,) offset of a first-half channel in a (Hkv, HD) row
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEADS * HD], tl.float32)
     if split == 0:  # sinks (positions 0..N_SINK-1, valid up to pos) then the window ring (slot valid if pos >= 0)
         pos = tl.load(pos_ptr + b)
         for t0 in range(0, N_SINK + W, BLOCK_N):
@@ -75,113 +112,116 @@ def _sals_decode_kernel(
             in_sink = (t < N_SINK) & (t <= pos)
             in_win = (w >= 0) & (w < W)
             in_win = in_win & (tl.load(win_pos_ptr + b * W + w, mask=in_win, other=-1) >= 0)
-            s_off = ((b * N_SINK + t[:, None]) * Hkv + h) * HD
-            w_off = ((b * W + w[:, None]) * Hkv + h) * HD
+            s_off = (b * N_SINK + t[:, None]) * Hkv * HD
+            w_off = (b * W + w[:, None]) * Hkv * HD
             ms, mw = in_sink[:, None], in_win[:, None]
-            k1 = tl.load(sink_k_ptr + s_off + d2[None, :], mask=ms, other=0.0) + \
-                tl.load(win_k_ptr + w_off + d2[None, :], mask=mw, other=0.0)
-            k2 = tl.load(sink_k_ptr + s_off + HD2 + d2[None, :], mask=ms, other=0.0) + \
-                tl.load(win_k_ptr + w_off + HD2 + d2[None, :], mask=mw, other=0.0)
-            v = tl.load(sink_v_ptr + s_off + d[None, :], mask=ms, other=0.0) + \
-                tl.load(win_v_ptr + w_off + d[None, :], mask=mw, other=0.0)
+            k1 = tl.load(sink_k_ptr + s_off + kcol[None, :], mask=ms, other=0.0) + \
+                tl.load(win_k_ptr + w_off + kcol[None, :], mask=mw, other=0.0)
+            k2 = tl.load(sink_k_ptr + s_off + HD2 + kcol[None, :], mask=ms, other=0.0) + \
+                tl.load(win_k_ptr + w_off + HD2 + kcol[None, :], mask=mw, other=0.0)
+            v = tl.load(sink_v_ptr + s_off + h0 * HD + cv[None, :], mask=ms, other=0.0) + \
+                tl.load(win_v_ptr + w_off + h0 * HD + cv[None, :], mask=mw, other=0.0)
             m, l, acc = _attend_block(q1, q2, k1, k2, v, in_sink | in_win, m, l, acc, qk_scale, PREC)
-    else:  # selected tokens [(split-1)*TPS, split*TPS) of idx
-        freq = tl.load(inv_freq_ptr + d2)  # (HD2,) float64
-        turn = (freq * _TURN_HI + freq * _TURN_LO).to(tl.int64)  # inv_freq / (2 pi) in units of 2^-64 turn
-        for t0 in range(0, TPS, BLOCK_N):
-            t = (split - 1) * TPS + t0 + tl.arange(0, BLOCK_N)
-            ok = tl.load(keep_ptr + b * K + t, mask=t < K, other=0) != 0
-            j = tl.load(idx_ptr + b * K + t, mask=ok, other=0)  # (BLOCK_N,) positions
-            row = (b * S + j)[:, None]
-            k1 = tl.zeros([BLOCK_N, HD2], tl.float32)
-            k2 = tl.zeros([BLOCK_N, HD2], tl.float32)
-            u1_ptr = u_ptr + (h * HD + d2)[None, :] * stride_ud  # (1, HD2) rows of U (D, r) for both halves
-            u2_ptr = u1_ptr + HD2 * stride_ud
-            for c0 in range(0, RS, BLOCK_R):  # latent prefix ...
-                c = c0 + tl.arange(0, BLOCK_R)
-                lat = tl.load(kls_ptr + row * RS + c[None, :], mask=ok[:, None] & (c[None, :] < RS), other=0.0)
-                u1 = tl.load(u1_ptr + c[:, None] * stride_ur, mask=c[:, None] < RS, other=0.0)  # (BLOCK_R, HD2)
-                u2 = tl.load(u2_ptr + c[:, None] * stride_ur, mask=c[:, None] < RS, other=0.0)
-                k1 += tl.dot(lat, u1, input_precision=PREC)
-                k2 += tl.dot(lat, u2, input_precision=PREC)
-            for c0 in range(0, RR, BLOCK_R):  # ... and the rest of the latent
-                c = c0 + tl.arange(0, BLOCK_R)
-                lat = tl.load(klr_ptr + row * RR + c[None, :], mask=ok[:, None] & (c[None, :] < RR), other=0.0)
-                u1 = tl.load(u1_ptr + (RS + c[:, None]) * stride_ur, mask=c[:, None] < RR, other=0.0)
-                u2 = tl.load(u2_ptr + (RS + c[:, None]) * stride_ur, mask=c[:, None] < RR, other=0.0)
-                k1 += tl.dot(lat, u1, input_precision=PREC)
-                k2 += tl.dot(lat, u2, input_precision=PREC)
-            turns = j.to(tl.int64)[:, None] * turn[None, :]  # wraps modulo 2^64 = whole turns
-            angle = ((turns >> 40) & 0xFFFFFF).to(tl.float32) * (2 * _PI / 16777216)  # [0, 2 pi)
-            angle = tl.where(angle > _PI, angle - 2 * _PI, angle)
-            cos, sin = tl.cos(angle), tl.sin(angle)
-            r1 = (k1 * cos - k2 * sin).to(q1.dtype)
-            r2 = (k2 * cos + k1 * sin).to(q1.dtype)
-            vrow = (b * S + j)[:, None] * Hkv + h  # (BLOCK_N, 1) row of (B, S, Hkv)
-            if BITS == 16:
-                v = tl.load(vq_ptr + vrow * HD + d[None, :], mask=ok[:, None], other=0.0)
-            else:
-                PER: tl.constexpr = 8 // BITS
-                byte = tl.load(vq_ptr + vrow * (HD // PER) + d[None, :] // PER, mask=ok[:, None], other=0)
-                qv = (byte.to(tl.int32) >> ((d[None, :] % PER) * BITS)) & (2 ** BITS - 1)
-                grp = vrow * (HD // 32) + d[None, :] // 32
-                scale = tl.load(vs_ptr + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-                zero = tl.load(vz_ptr + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-                v = (qv.to(tl.float32) * scale + zero).to(q1.dtype)
-            m, l, acc = _attend_block(q1, q2, r1, r2, v, ok, m, l, acc, qk_scale, PREC)
-    out = (b * Hkv + h) * G + g  # (BLOCK_G,) query heads
-    tl.store(m_ptr + out * n_split + split, m, mask=g < G)
-    tl.store(l_ptr + out * n_split + split, l, mask=g < G)
-    tl.store(acc_ptr + (out[:, None] * n_split + split) * HD + d[None, :], acc, mask=g[:, None] < G)
+    else:  # selected tokens [lo, lo + TPS) of idx
+        lo = (split - 1) * TPS
+        u1 = u_ptr + kcol[None, :] * stride_ud  # (1, HEADS*HD2): rows of U (D, r) of the first halves ...
+        u2 = u1 + HD2 * stride_ud  # ... and of the second halves
+        for t0 in range(0, TPS, BLOCK_N):  # a static trip count (the interpreter has no program-dependent ranges)
+            if lo + t0 < K:  # the last split may have fewer blocks
+                t = lo + t0 + tl.arange(0, BLOCK_N)
+                ok = (t < K) & (tl.load(keep_ptr + b * K + t, mask=t < K, other=0) != 0)
+                j = tl.load(idx_ptr + b * K + t, mask=ok, other=0)  # (BLOCK_N,) positions
+                k1 = tl.zeros([BLOCK_N, HEADS * HD2], tl.float32)
+                k2 = tl.zeros([BLOCK_N, HEADS * HD2], tl.float32)
+                lat = (b * S + j[:, None])  # (BLOCK_N, 1) latent rows
+                k1, k2 = _rebuild(k1, k2, kls_ptr + lat * RS, ok, u1, u2, 0, RS, stride_ur, BLOCK_R, PREC)
+                k1, k2 = _rebuild(k1, k2, klr_ptr + lat * RR, ok, u1, u2, RS, RR, stride_ur, BLOCK_R, PREC)
+                cs = rope_ptr + (j[:, None] * HD2 + col[None, :] % HD2) * 2  # (cos, sin) of the model's table
+                cos = tl.load(cs, mask=ok[:, None], other=0.0)
+                sin = tl.load(cs + 1, mask=ok[:, None], other=0.0)
+                r1 = (k1 * cos - k2 * sin).to(q1.dtype)
+                r2 = (k2 * cos + k1 * sin).to(q1.dtype)
+                v = _values(vq_ptr, vs_ptr, vz_ptr, lat * Hkv + h0, ok, cv, HD, BITS, q1.dtype)
+                m, l, acc = _attend_block(q1, q2, r1, r2, v, ok, m, l, acc, qk_scale, PREC)
+    out = (b * Hkv + h0) * G + row  # (BLOCK_Q,) query heads
+    live = row < HEADS * G
+    tl.store(m_ptr + out * n_split + split, m, mask=live)
+    tl.store(l_ptr + out * n_split + split, l, mask=live)
+    own_v = (row[:, None] // G == cv[None, :] // HD) & live[:, None]  # each row's own head's block of acc
+    tl.store(acc_ptr + (out[:, None] * n_split + split) * HD + cv[None, :] % HD, acc, mask=own_v)
 
 
 @torch.library.triton_op("sals::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, win_k: Tensor, win_v: Tensor, window_pos: Tensor,
                      input_pos: Tensor, idx: Tensor, keep: Tensor, k_lat_score: Tensor, k_lat_rest: Tensor,
-                     U: Tensor, inv_freq: Tensor, v_q: Tensor, v_scale: Optional[Tensor], v_zero: Optional[Tensor],
+                     U: Tensor, rope: Tensor, v_q: Tensor, v_scale: Optional[Tensor], v_zero: Optional[Tensor],
                      bits: int) -> Tensor:
     """One decode step of attention over sinks + window + selected tokens, for every sequence.
     q (B, H, Dh) post-RoPE; sink_k/v (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh) post-RoPE, window_pos (B, W)
     (-1 empty); input_pos (B, 1); idx, keep (B, k) selected positions and which count; k_lat_score (B, S, r*),
-    k_lat_rest (B, S, r - r*), U (D, r), inv_freq (Dh/2,) float64; v_q (B, S, Hkv, Dh*bits/8) uint8 with
-    v_scale, v_zero (B, S, Hkv, Dh/32), or (B, S, Hkv, Dh) when bits == 16. Returns (B, H, Dh) in q's dtype."""
+    k_lat_rest (B, S, r - r*), U (D, r), rope (>= S, Dh/2, 2) float32 the model's (cos, sin) table; v_q
+    (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero (B, S, Hkv, Dh/32), or (B, S, Hkv, Dh) when bits == 16.
+    Returns (B, H, Dh) in q's dtype."""
     B, H, HD = q.shape
     Hkv, K = win_k.shape[2], idx.shape[1]
-    assert HD in (32, 64, 128, 256) and (bits == 16 or HD % 32 == 0), f"unsupported head_dim {HD}"
-    BLOCK_N = 64 if q.is_cuda else 16
-    blocks = triton.cdiv(K, BLOCK_N)
-    # enough programs to fill the GPU (about 4 per SM of an H100) without splitting finer than one block
-    n_sel = min(blocks, max(1, triton.cdiv(528, B * Hkv)))
-    n_sel = triton.cdiv(K, BLOCK_N * triton.cdiv(blocks, n_sel)) if blocks else 0
+    cfg = decode_config(H // Hkv, q.is_cuda)
+    n_sel = split_count(K, B * Hkv // heads_per_program(Hkv, cfg), cfg)
     m = torch.empty(B, H, 1 + n_sel, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B, H, 1 + n_sel, HD, dtype=torch.float32, device=q.device)
     launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, keep, k_lat_score, k_lat_rest, U,
-                  inv_freq, v_q, v_scale, v_zero, bits, m, l, acc)
+                  rope, v_q, v_scale, v_zero, bits, m, l, acc, cfg)
     return combine_splits(m, l, acc).to(q.dtype)
 
 
+def decode_config(G: int, is_cuda: bool) -> dict:
+    return dict(CONFIGS["mha" if G == 1 else "gqa"]) if is_cuda else dict(INTERPRETER_CONFIG)
+
+
+def heads_per_program(Hkv: int, cfg: dict) -> int:
+    """cfg's heads, lowered to the largest power of two that divides Hkv."""
+    n = cfg["heads"]
+    while Hkv % n:
+        n //= 2
+    return n
+
+
+def split_count(K: int, programs: int, cfg: dict) -> int:
+    """How many selection splits share the K selected tokens: cfg's split_blocks token blocks each, or else
+    enough for about 4 programs per SM of an H100 (528) without splitting finer than one block."""
+    blocks = triton.cdiv(K, cfg["block_n"])
+    if not blocks:
+        return 0
+    per_split = cfg["split_blocks"] or triton.cdiv(blocks, min(blocks, max(1, triton.cdiv(528, programs))))
+    return triton.cdiv(blocks, per_split)
+
+
 def launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, keep, k_lat_score, k_lat_rest, U,
-                  inv_freq, v_q, v_scale, v_zero, bits: int, m: Tensor, l: Tensor, acc: Tensor):
+                  rope, v_q, v_scale, v_zero, bits: int, m: Tensor, l: Tensor, acc: Tensor, cfg: dict | None = None):
     """The kernel, writing the partials of 1 + n_sel splits into m, l (B, H, 1 + n_sel), acc (B, H, 1 + n_sel, Dh)
-    float32 (tests pass buffers poisoned with NaN); the selected tokens are shared evenly by the n_sel splits."""
+    float32 (tests pass buffers poisoned with NaN); the selected tokens are shared evenly by the n_sel splits.
+    cfg: launch settings as in CONFIGS (default: decode_config). Returns Triton's compiled-kernel handle."""
     B, H, HD = q.shape
     n_sink, W, Hkv = sink_k.shape[1], win_k.shape[1], win_k.shape[2]
     S, RS, RR, K = k_lat_score.shape[1], k_lat_score.shape[2], k_lat_rest.shape[2], idx.shape[1]
-    n_split = m.shape[2]
-    BLOCK_N, BLOCK_R = (64, 64) if q.is_cuda else (16, 16)
+    G, n_split = H // Hkv, m.shape[2]
+    cfg = cfg or decode_config(G, q.is_cuda)
+    assert HD in (32, 64, 128, 256) and (bits == 16 or HD % 32 == 0), f"unsupported head_dim {HD}"
+    assert rope.shape[1:] == (HD // 2, 2) and rope.shape[0] >= S and rope.dtype == torch.float32, \
+        f"rope must be the model's (cos, sin) table (>= {S}, {HD // 2}, 2) float32, not {tuple(rope.shape)}"
+    heads, BLOCK_N = heads_per_program(Hkv, cfg), cfg["block_n"]
     TPS = BLOCK_N * max(1, triton.cdiv(triton.cdiv(K, BLOCK_N), max(1, n_split - 1)))  # tokens per split
     assert TPS * (n_split - 1) >= K, "too few splits for the selection"
-    for t in (q, sink_k, sink_v, win_k, win_v, window_pos, idx, keep, k_lat_score, k_lat_rest, v_q, m, l, acc):
+    for t in (q, sink_k, sink_v, win_k, win_v, window_pos, idx, keep, k_lat_score, k_lat_rest, rope, v_q, m, l, acc):
         assert t.is_contiguous(), "decode_attention expects contiguous buffers (U may have any strides)"
     scale = v_q if v_scale is None else v_scale  # unused when bits == 16
     zero = v_q if v_zero is None else v_zero
-    torch.library.wrap_triton(_sals_decode_kernel)[(B, Hkv, n_split)](
+    return torch.library.wrap_triton(_sals_decode_kernel)[(B, Hkv // heads, n_split)](
         q, sink_k, sink_v, win_k, win_v, window_pos, input_pos.reshape(B), idx, keep, k_lat_score, k_lat_rest,
-        U, inv_freq, v_q, scale, zero, m, l, acc, S, Hkv, K, U.stride(0), U.stride(1), HD ** -0.5 * math.log2(math.e),
-        G=H // Hkv, HD=HD, N_SINK=n_sink, W=W, RS=RS, RR=RR, BITS=bits, TPS=TPS,
-        BLOCK_G=max(16, triton.next_power_of_2(H // Hkv)), BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-        PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=8 if q.is_cuda else 1)
+        U, rope, v_q, scale, zero, m, l, acc, S, Hkv, K, U.stride(0), U.stride(1), HD ** -0.5 * math.log2(math.e),
+        G=G, HD=HD, N_SINK=n_sink, W=W, RS=RS, RR=RR, BITS=bits, TPS=TPS, HEADS=heads,
+        BLOCK_Q=max(16, triton.next_power_of_2(heads * G)), BLOCK_N=BLOCK_N, BLOCK_R=cfg["block_r"],
+        PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def combine_splits(m: Tensor, l: Tensor, acc: Tensor) -> Tensor:
@@ -205,7 +245,7 @@ def fused_decode(cache, q_rope: Tensor, input_pos: Tensor, idx: Tensor, keep: Te
     """decode_attention on a SALSCache's buffers: q_rope (B, H, 1, Dh) -> (B, H, 1, Dh)."""
     return decode_attention(q_rope[:, :, 0].contiguous(), cache.sink_k, cache.sink_v, cache.win_k, cache.win_v,
                             cache.window_pos, input_pos, idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U,
-                            cache.inv_freq, cache.v_q, cache.v_scale, cache.v_zero, cache.bits)[:, :, None]
+                            cache.rope, cache.v_q, cache.v_scale, cache.v_zero, cache.bits)[:, :, None]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Triton fixes interpreter mode when a kernel (or triton.language itself) is first
 modes in one process fails, so the kernel checks run in a child pytest with TRITON_INTERPRET=1: the one
 test this module shows to the parent process, and nothing else in the parent sees Triton at all.
 Outputs are poisoned with NaN before each kernel runs. float32 inputs are compared tightly (1e-5 relative:
-the kernels and the reference differ only in summation order, and RoPE angles by < 2^-24 turn); the
+the kernels and the reference differ only in summation order; both rotate with the model's RoPE table); the
 float16 case at 2e-3.
 """
 import math
@@ -18,8 +18,8 @@ import torch
 
 import sals_attention
 from bench.attention_bench import kernel_errors, random_cache
-from model import ModelArgs, Transformer
-from sals_attention import SALSConfig, setup_sals
+from model import ModelArgs, Transformer, rope_table
+from sals_attention import SALSCache, SALSConfig, setup_sals
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = os.environ.get("SALS_KERNEL_TESTS") == "child"
@@ -95,11 +95,34 @@ def check_decode_kernels_float16():
 
 def check_decode_kernel_rotates_far_positions_exactly():
     """Keys selected near position 32K: RoPE angles as float32 products pos * inv_freq would be off by up to
-    ~2e-3 rad there (a relative error of ~1e-3 in the output); the kernel's fixed-point angles are not."""
+    ~2e-3 rad there (a relative error of ~1e-3 in the output); the kernel reads the table's float64-made rows."""
     cache, *step = random_cache(1, 33000, 1, 1, 64, dtype=torch.float32, seed=9, sink=4, window=8,
                                 sparsity=1 / 256, rank_fraction=0.25, value_bits=16)
     err = kernel_errors(cache, *step)
     assert err["selected"] == 128 - 12 and err["attention"] < 1e-5, err
+
+
+# Launch settings beyond the interpreter default (heads=2, block_n=16): one KV head per program, 4 heads (lowered
+# to 2 where Hkv = 2, and 4 of 4 in MHA), larger token blocks, several blocks per split, one split in all.
+VARIANTS = [dict(heads=1, block_n=16, block_r=16, split_blocks=None),
+            dict(heads=4, block_n=32, block_r=16, split_blocks=2),
+            dict(heads=4, block_n=16, block_r=32, split_blocks=1),
+            dict(heads=2, block_n=16, block_r=16, split_blocks=99)]
+
+
+@pytest.mark.parametrize("cfg", VARIANTS)
+@pytest.mark.parametrize("n_head,n_kv_head", [(4, 4), (8, 2)])
+def check_decode_kernel_launch_variants(cfg, n_head, n_kv_head):
+    """Each launch setting the GPU sweep may pick gives the reference's output (float32, 1e-5), with the
+    split count the setting implies (kernels.sals_decode.split_count), partials NaN-poisoned."""
+    from kernels import sals_decode
+    cfg = dict(cfg, num_warps=1, num_stages=1)
+    cache, *step = random_cache(3, 256, n_head, n_kv_head, 64, pos=[255, 150, 60], dtype=torch.float32, seed=n_head,
+                                sink=4, window=8, sparsity=0.25, rank=40, score_dims=24, value_bits=4)
+    programs = 3 * n_kv_head // sals_decode.heads_per_program(n_kv_head, cfg)
+    n_split = 1 + sals_decode.split_count(cache.k_max, programs, cfg)
+    err = kernel_errors(cache, *step, cfg=cfg, n_split=n_split)
+    assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["attention"] < 1e-5, (err, n_split)
 
 
 def check_dispatched_decode_equals_reference_model():
@@ -146,9 +169,27 @@ def check_dispatched_decode_equals_reference_model():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-N_CHILD_TESTS = 9 + len(CASES) + 3
+def test_sals_layers_share_the_models_rope_table():
+    """setup_sals hands every SALS layer the model's own (cos, sin) table, not a copy; its rows are bit for bit
+    the reference path's float64 angles; a table of the wrong shape is refused with a clear error."""
+    args = ModelArgs(vocab_size=97, dim=128, n_layer=4, n_head=4, n_kv_head=2, head_dim=64, intermediate_size=96,
+                     max_position_embeddings=300, rope_base=500.0)
+    model = Transformer(args)
+    gen = torch.Generator().manual_seed(3)
+    calib = {"eigvecs": [torch.linalg.qr(torch.randn(128, 128, generator=gen))[0] for _ in range(4)]}
+    setup_sals(model, 2, 300, SALSConfig(rank_fraction=0.25, dense_layers=(0,)), calib)
+    caches = [layer.attention.kv_cache for layer in model.layers[1:]]
+    assert all(c.rope is model.rope for c in caches)
+    j = torch.arange(300)
+    angles = j[:, None].double() * caches[0].inv_freq  # what SALSCache.keys rotates with
+    assert torch.equal(model.rope[j], torch.stack([angles.cos(), angles.sin()], -1).float())
+    with pytest.raises(ValueError, match="rope has shape"):
+        SALSCache(SALSConfig(rank=32).resolve(args, 128), args, 1, 300, torch.zeros(128, 32), rope_table(args, 200))
+
+
+N_CHILD_TESTS = 9 + len(CASES) + 3 + 2 * len(VARIANTS)
 if CHILD:  # the child collects the checks as tests, and not the launcher
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    del test_kernels_in_triton_interpreter
+    del test_kernels_in_triton_interpreter, test_sals_layers_share_the_models_rope_table  # parent-only tests
     for _name in [n for n in globals() if n.startswith("check_")]:
         globals()["test_" + _name[len("check_"):]] = globals()[_name]

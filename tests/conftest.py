@@ -20,3 +20,14 @@ def smollm2_dir() -> Path:
 def shared_data() -> Path:
     assert SHARED_DATA.is_dir(), f"{SHARED_DATA} missing: the tests read real text from ../shared/data"
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def quick_calib(smollm2_dir, tmp_path_factory) -> Path:
+    """A small real calibration of SmolLM2 (the default `python calibrate.py` takes minutes), made here so
+    no test depends on a calibration file left in checkpoints/ by hand."""
+    import calibrate
+    out = tmp_path_factory.mktemp("calib") / "sals_calib.pt"
+    assert calibrate.main(["--checkpoint", str(smollm2_dir), "--n_seqs", "4", "--seq_len", "1024",
+                           "--n_eval_seqs", "1", "--device", "cpu", "--output", str(out)]) == 0
+    return out

@@ -15,10 +15,10 @@ EXACT = {"rank_fraction": 1.0, "value_bits": 16, "sparsity": 1.0}  # a SALS cach
 
 
 @pytest.fixture(scope="module")
-def real(smollm2_dir, shared_data):
+def real(smollm2_dir, shared_data, quick_calib):
     model = load_model(smollm2_dir, "cpu", torch.float32)
     tokenizer = load_tokenizer(smollm2_dir)
-    calib = load_calibration(smollm2_dir / "sals_calib.pt", model)
+    calib = load_calibration(quick_calib, model)
     return model, tokenizer, calib, evals.held_out_tokens(tokenizer)
 
 

@@ -213,16 +213,6 @@ def test_decode_step_without_host_sync_compiles_fullgraph():
 # --sals on the command line.
 
 @pytest.fixture(scope="module")
-def quick_calib(smollm2_dir, tmp_path_factory):
-    """A small real calibration of SmolLM2 (the default one takes minutes)."""
-    import calibrate
-    out = tmp_path_factory.mktemp("calib") / "sals_calib.pt"
-    assert calibrate.main(["--checkpoint", str(smollm2_dir), "--n_seqs", "4", "--seq_len", "1024",
-                           "--n_eval_seqs", "1", "--device", "cpu", "--output", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def long_question(shared_data, tmp_path_factory):
     """~1500 tokens of a novel, then a question: the answer is decoded while SALS compresses and
     selects (budget 1/8 of ~1500 tokens = 16 sinks + 64 window + ~106 selected)."""

@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Launch settings per family (G == 1: "mha", else "gqa"); bench/attention_bench.py --sweep times variants and
 # may overwrite these before it compiles a step. heads: KV heads per program; split_blocks: token blocks per
-# selection split (None: enough splits for ~4 programs per SM).
+# selection split (None: enough splits for ~4 programs per SM). The fastest of the sweep on the H100
+# (bench/NOTES.md, 2026-11-23): MHA 335.6 us vs 358.1 with one head, GQA 497.3 us vs 705.7 with block_n 64.
 CONFIGS = {
-    "mha": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
-    "gqa": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
+    "mha": dict(heads=2, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
+    "gqa": dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
 }
 INTERPRETER_CONFIG = dict(heads=2, block_n=16, block_r=16, split_blocks=None, num_warps=1, num_stages=1)
 

@@ -268,6 +268,8 @@ class Transformer(nn.Module):
             raise ValueError(f"context of {max_seq_length} tokens exceeds the model's "
                              f"max_position_embeddings ({self.args.max_position_embeddings}).")
         dtype, device = self.output.weight.dtype, self.output.weight.device
+        # Built before the caches, so that a cache may share it (SALS rotates selected keys with it).
+        self.register_buffer("rope", rope_table(self.args, max_seq_length).to(device), persistent=False)
         for i, layer in enumerate(self.layers):
             layer.attention.kv_cache = None  # free the old cache before allocating the new one
             if make_cache is None:
@@ -275,7 +277,6 @@ class Transformer(nn.Module):
             else:
                 cache = make_cache(i, self.args, max_batch_size, max_seq_length, dtype)
             layer.attention.kv_cache = cache.to(device)
-        self.register_buffer("rope", rope_table(self.args, max_seq_length).to(device), persistent=False)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
     def forward(self, idx: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:

@@ -315,14 +315,9 @@ def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, cal
                          f"recalibrate with `python calibrate.py --checkpoint DIR`.")
     cfg = cfg.resolve(a, vecs[0].shape[1])
 
-    rope = rope_table(a, max_seq_length).to(model.output.weight.device)  # one table for every SALS layer
-
     def make_cache(i, args, B, S, dtype):
         if i in cfg.dense_layers:
             return KVCache(B, S, args.n_kv_head, args.head_dim, dtype)
-        return SALSCache(cfg, args, B, S, vecs[i][:, :cfg.rank].to(dtype), rope)
+        return SALSCache(cfg, args, B, S, vecs[i][:, :cfg.rank].to(dtype), model.rope)  # one shared table
     model.setup_caches(batch_size, max_seq_length, make_cache)
-    for layer in model.layers:  # the model has built the same table: keep only that one
-        if isinstance(layer.attention.kv_cache, SALSCache):
-            layer.attention.kv_cache.rope = model.rope
     return cfg

@@ -27,17 +27,18 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from model import KVCache, Transformer, apply_rope, load_model
+from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype, load_model
+from sals_attention import SALSConfig
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TEXT = ROOT / "data" / "calibration.txt"
 FORMAT = "sals-calib/1"
 # Overlap is measured at the SALS defaults (SALSConfig in sals_attention.py): budget = 1/8 of the
 # context, 16 sinks and a 64-token window included; ranking with r* = r/2 of the 25% rank.
-SPARSITY, SINK, WINDOW = 1 / 8, 16, 64
+DEFAULTS = SALSConfig()  # the sparsity, sinks and window the overlap is measured at
+SPARSITY, SINK, WINDOW = DEFAULTS.sparsity, DEFAULTS.sink, DEFAULTS.window
 POOR_OVERLAP = 0.9  # the paper's bar: layers that rank worse are candidates for staying dense
 MIN_EVAL_LEN = 1024  # shorter contexts leave (almost) no budget beyond sinks and window
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,10 +201,6 @@ def energy(eigvals: Tensor, rank: int) -> Tensor:
     return eigvals[:, :rank].sum(-1) / eigvals.sum(-1)
 
 
-def rank_at(fraction: float, width: int) -> int:
-    return max(1, round(width * fraction))
-
-
 def progress(label: str, i: int, n: int, t0: float):
     print(f"\r{label}: {i}/{n} sequences, {time.perf_counter() - t0:.0f} s", end="\n" if i == n else "",
           file=sys.stderr, flush=True)
@@ -238,8 +235,8 @@ def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose
         eigvecs.append(vecs.flip(1))
     eigvals = torch.stack(eigvals)  # (L, D)
 
-    r25, r125 = rank_at(0.25, D), rank_at(0.125, D)
-    score_dims = r25 // 2
+    at = lambda f: SALSConfig(rank_fraction=f, value_bits=16).resolve(a, D)  # noqa: E731  ranks as SALS resolves them
+    r25, r125, score_dims = at(0.25).rank, at(0.125).rank, at(0.25).score_dims
     for s, vecs in zip(stats, eigvecs):
         s.basis = vecs[:, :score_dims].to(device)
     run(eval_seqs, "overlap (held-out)")
@@ -367,7 +364,7 @@ def main(argv=None) -> int:
         if a.output and not output.parent.is_dir():
             raise FileNotFoundError(f"--output {output}: folder {output.parent} does not exist.")
         t0 = time.perf_counter()
-        dtype = DTYPES[a.dtype] if a.dtype else torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+        dtype = DTYPES[a.dtype] if a.dtype else default_dtype(a.device)
         docs = read_texts(a.text)
         model = load_model(a.checkpoint, a.device, dtype)
         text = "\n\n".join(docs)

@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from generate import PREFILL_CHUNK, prefill
-from model import Transformer
+from generate import prefill
+from model import DTYPES, Transformer, default_dtype
 from sals_attention import SALSConfig, setup_sals
 
 ROOT = Path(__file__).resolve().parent
@@ -50,7 +50,6 @@ PRIDE_HELD_OUT, PRIDE_HELD_OUT_START = 250107, "“Oh, yes! of that kind of love
 METHODS = ("dense", "sals-25", "sals-12.5", "oracle", "streaming")
 PRESETS = {"sals-25": 0.25, "sals-12.5": 0.125}
 SHARED_FIELDS = ("sparsity", "sink", "window", "dense_layers")  # the overrides every non-dense method takes
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,17 +137,12 @@ def prefill_methods(model: Transformer, prompt: list[int], n_methods: int, mode:
     """Prefills every method's cache with prompt. mode "dense": once, with the dense reference's hidden
     states; "engine": row i through method i's cache, in chunks as generate.prefill does (a SALS chunk after
     the first reads older tokens through the compressed cache). Returns the last logits (n_methods, V)."""
+    ids = torch.tensor(prompt, device=model.output.weight.device)[None]  # (1, T)
     if mode == "dense":
         set_route(model, False)
-        return prefill(model, prompt, 0)[None].expand(n_methods, -1)
+        return prefill(model, ids)[0].expand(n_methods, -1)
     set_route(model, True)
-    device = model.output.weight.device
-    ids = torch.tensor(prompt, device=device)[None].expand(n_methods, -1)  # (M, T)
-    for start in range(0, len(prompt), PREFILL_CHUNK):
-        chunk = ids[:, start:start + PREFILL_CHUNK]
-        pos = torch.arange(start, start + chunk.shape[1], device=device)[None].expand(n_methods, -1)
-        logits = model(chunk, pos)
-    return logits[:, -1]
+    return prefill(model, ids.expand(n_methods, -1))
 
 
 def decode_step(model: Transformer, tokens: Tensor, pos: int) -> Tensor:
@@ -438,7 +432,7 @@ def parse_args(argv=None):
             p.error(f"--dense_layers {a.dense_layers!r} is not a comma-separated list of layer ids.")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but no CUDA GPU is available; use --device cpu.")
-    a.dtype = DTYPES[a.dtype or ("float32" if a.device == "cpu" else "bfloat16")]
+    a.dtype = DTYPES[a.dtype] if a.dtype else default_dtype(a.device)
     a.methods = list(dict.fromkeys(a.methods))
     return a
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model import Transformer, load_model
+from model import DTYPES, Transformer, default_dtype, load_model
 
 PREFILL_CHUNK = 2048  # long prompts are prefilled in chunks: attention memory stays linear
 
@@ -39,16 +39,14 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
 
 
-def prefill(model: Transformer, prompt: list[int], row: int) -> Tensor:
-    """Runs one prompt through cache row `row`, in chunks. Returns the last logits (V,)."""
-    device = model.output.weight.device
-    rows = torch.tensor([row], device=device)
-    ids = torch.tensor(prompt, device=device)[None]  # (1, T)
-    for start in range(0, len(prompt), PREFILL_CHUNK):
+def prefill(model: Transformer, ids: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Runs prompts of equal length ids (b, T) through cache rows `rows` (None: all rows), in chunks.
+    Returns the last logits (b, V)."""
+    for start in range(0, ids.shape[1], PREFILL_CHUNK):
         chunk = ids[:, start:start + PREFILL_CHUNK]
-        pos = torch.arange(start, start + chunk.shape[1], device=device)[None]
+        pos = torch.arange(start, start + chunk.shape[1], device=ids.device).expand_as(chunk)
         logits = model(chunk, pos, rows)
-    return logits[0, -1]
+    return logits[:, -1]
 
 
 def decode_one_token(model: Transformer, tokens: Tensor, input_pos: Tensor, temperature: float,
@@ -93,8 +91,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     (setup_caches or model.setup_caches)(B, max_len + max_new_tokens)
 
     t0 = time.perf_counter()
-    first = torch.stack([sample(prefill_fn(model, p, i)[None], temperature, top_k, top_p)[0]
-                         for i, p in enumerate(prompts)])  # (B,)
+    first = torch.cat([sample(prefill_fn(model, torch.tensor([p], device=device), torch.tensor([i], device=device)),
+                              temperature, top_k, top_p) for i, p in enumerate(prompts)])  # (B,)
     synchronize(device)
     ttft = time.perf_counter() - t0
 
@@ -187,7 +185,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (reduce-overhead, full graph)")
     p.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=1234)
     s = p.add_argument_group("SALS compressed KV cache (see ../shared/SALS.md)")
@@ -233,8 +231,6 @@ def parse_args(argv=None):
             problems.append(f"--sals_dense_layers {args.sals_dense_layers!r} is not a comma-separated list of layer ids")
     if problems:
         p.error("; ".join(problems))
-    if args.dtype is None:
-        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     return args
 
 
@@ -305,7 +301,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     t = time.perf_counter()
-    model = load_model(args.checkpoint, device, getattr(torch, args.dtype))
+    model = load_model(args.checkpoint, device, DTYPES[args.dtype] if args.dtype else default_dtype(device))
     tokenizer = load_tokenizer(args.checkpoint)
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 

@@ -16,6 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
+
+
+def default_dtype(device) -> torch.dtype:
+    """bfloat16 on a GPU; float32 on the CPU, where bfloat16 matmuls are slow."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
 class UnsupportedModelError(ValueError):

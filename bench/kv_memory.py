@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decode_bench import SHAPES  # noqa: E402
-from model import KVCache, ModelArgs  # noqa: E402
+from model import KVCache, ModelArgs, Transformer  # noqa: E402
 from sals_attention import SALSConfig, SALSCache  # noqa: E402
 
 
@@ -41,9 +41,8 @@ def main(argv=None):
     print("| --- | --- | --- | --- | --- | --- |")
     for shape in a.shape:
         args = ModelArgs.from_config(dict(SHAPES[shape], model_type="llama", max_position_embeddings=1 << 20))
-        weights = 2 * (args.n_layer * (args.dim * (args.n_head + 2 * args.n_kv_head) * args.head_dim
-                                       + args.n_head * args.head_dim * args.dim + 3 * args.dim * args.intermediate_size)
-                       + 2 * args.vocab_size * args.dim)
+        with torch.device("meta"):
+            weights = sum(p.numel() * 2 for p in Transformer(args).parameters())  # bf16, tied or not
         dense = cache_bytes(args, 1, a.context, None)
         for name, cfg in [("dense bf16", None), ("SALS-25%", SALSConfig.preset(0.25)),
                           ("SALS-12.5%", SALSConfig.preset(0.125))]:

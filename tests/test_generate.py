@@ -63,10 +63,10 @@ def test_chunked_prefill_equals_one_pass(monkeypatch):
     model = random_model()
     prompt = torch.randint(0, 97, (300,)).tolist()
     model.setup_caches(1, 400)
-    whole = prefill(model, prompt, 0)
+    whole = prefill(model, torch.tensor([prompt]))
     monkeypatch.setattr("generate.PREFILL_CHUNK", 64)
     model.setup_caches(1, 400)
-    torch.testing.assert_close(prefill(model, prompt, 0), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefill(model, torch.tensor([prompt])), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_of_different_lengths_equals_each_alone(smol):

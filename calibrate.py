@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype, load_model
-from sals_attention import SALSConfig
+from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype, load_model, rope_frequencies
+from sals_attention import RANKINGS, SALSConfig, expected_rotation
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TEXT = ROOT / "data" / "calibration.txt"
@@ -118,16 +118,16 @@ def cut_sequences(tokens: Tensor, start: int, n: int, length: int, bos: list[int
 
 class KeyStats(nn.Module):
     """A dense KVCache that also looks at the pre-RoPE q and k passing through it: it accumulates
-    the keys' second moment while `basis` is None, and scores latent top-k (overlap_score) with
-    `basis` (D, r*) once set. Each call must hold whole sequences starting at position 0."""
+    the keys' second moment while `basis` is None, and scores latent top-k (overlap_score, every ranking
+    of RANKINGS) with `basis` (D, r*) once set. Each call must hold whole sequences starting at position 0."""
 
-    def __init__(self, cache: KVCache, width: int):
+    def __init__(self, cache: KVCache, width: int, inv_freq: Tensor):
         super().__init__()
-        self.cache = cache
+        self.cache, self.inv_freq = cache, inv_freq
         self.register_buffer("second_moment", torch.zeros(width, width, dtype=torch.float64), persistent=False)
         self.n_tokens = 0
         self.basis: Tensor | None = None
-        self.overlaps: list[float] = []
+        self.overlaps: dict[str, list[float]] = {r: [] for r in RANKINGS}
 
     def forward(self, q, k, v, input_pos, rope, rows=None):
         if self.basis is None:
@@ -135,12 +135,15 @@ class KeyStats(nn.Module):
             self.second_moment.addmm_(keys.T, keys)
             self.n_tokens += keys.shape[0]
         else:
-            self.overlaps += [overlap_score(q[b], k[b], rope[b], self.basis) for b in range(q.shape[0])]
+            for r, scores in self.overlaps.items():
+                scores += [overlap_score(q[b], k[b], rope[b], self.basis, ranking=r, inv_freq=self.inv_freq)
+                           for b in range(q.shape[0])]
         return self.cache(q, k, v, input_pos, rope, rows)
 
 
 def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: float = SPARSITY,
-                  sink: int = SINK, window: int = WINDOW, query_chunk: int = 256) -> float:
+                  sink: int = SINK, window: int = WINDOW, query_chunk: int = 256, ranking: str = "pre-rope",
+                  inv_freq: Tensor | None = None) -> float:
     """How much true attention latent top-k keeps, relative to the best possible choice.
 
     q: (H, T, Dh) and k: (Hkv, T, Dh) pre-RoPE, one whole sequence; rope: (T, Dh/2, 2); basis: (D, r*).
@@ -151,7 +154,8 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
         candidates sink <= j <= t - window (the first `sink` and last `window` tokens are always kept);
       - latent choice: top n by s_j = q_lat . k_lat_j with q_lat = (each KV group's query heads
         summed, concatenated to width D) @ basis and k_lat_j = (k_j, heads concatenated) @ basis,
-        both pre-RoPE, exactly as the SALS decode step ranks;
+        both pre-RoPE, exactly as the SALS decode step ranks (ranking "pre-rope"; with "expected-rope",
+        q_lat's head sums are first rotated by sals_attention.expected_rotation at t, from inv_freq);
       - oracle choice: top n candidates by a_j;
       - ratio = a(sinks + window + latent choice) / a(sinks + window + oracle choice), <= 1.
     Returns the mean ratio over positions with n > 0 (nan if none). 1.0 means latent ranking loses
@@ -161,7 +165,15 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
     q, k, basis = q.float(), k.float(), basis.float()
     q_rope = apply_rope(q[None], rope[None])[0].reshape(Hkv, H // Hkv, T, Dh)  # (Hkv, G, T, Dh)
     k_rope = apply_rope(k[None], rope[None])[0]  # (Hkv, T, Dh)
-    q_lat = q.reshape(Hkv, H // Hkv, T, Dh).sum(1).transpose(0, 1).reshape(T, -1) @ basis  # (T, r*)
+    q_sum = q.reshape(Hkv, H // Hkv, T, Dh).sum(1)  # (Hkv, T, Dh)
+    if ranking == "expected-rope":
+        if inv_freq is None:
+            raise ValueError("overlap_score with ranking 'expected-rope' needs inv_freq (model.rope_frequencies).")
+        rot = expected_rotation(inv_freq.to(q.device), torch.arange(T, device=q.device)[:, None], sink, window)
+        q_sum = apply_rope(q_sum[None], rot[None])[0]
+    elif ranking != "pre-rope":
+        raise ValueError(f"overlap_score: unknown ranking {ranking!r} (pre-rope or expected-rope).")
+    q_lat = q_sum.transpose(0, 1).reshape(T, -1) @ basis  # (T, r*)
     k_lat = k.transpose(0, 1).reshape(T, -1) @ basis  # (T, r*)
     j = torch.arange(T, device=q.device)
     ratios = []
@@ -216,7 +228,7 @@ def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose
     device = model.output.weight.device
     S_max = max(calib_seqs.shape[1], eval_seqs.shape[1])
     model.setup_caches(1, S_max, lambda i, args, B, S, dtype: KeyStats(
-        KVCache(B, S, args.n_kv_head, args.head_dim, dtype), D))
+        KVCache(B, S, args.n_kv_head, args.head_dim, dtype), D, rope_frequencies(args)))
     stats = [layer.attention.kv_cache for layer in model.layers]
 
     def run(seqs: Tensor, label: str):
@@ -240,23 +252,26 @@ def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose
     for s, vecs in zip(stats, eigvecs):
         s.basis = vecs[:, :score_dims].to(device)
     run(eval_seqs, "overlap (held-out)")
-    overlap = [sum(s.overlaps) / len(s.overlaps) if s.overlaps else float("nan") for s in stats]
+    overlap = {r: [sum(s.overlaps[r]) / len(s.overlaps[r]) if s.overlaps[r] else float("nan") for s in stats]
+               for r in RANKINGS}
     model.setup_caches(1, S_max)  # drop the wrappers: the model is left with plain dense caches
     report = {"energy_25": energy(eigvals, r25).tolist(), "energy_125": energy(eigvals, r125).tolist(),
-              "overlap": overlap, "rank_25": r25, "rank_125": r125, "score_dims": score_dims,
+              "overlap": overlap["pre-rope"], "overlap_expected_rope": overlap["expected-rope"],
+              "rank_25": r25, "rank_125": r125, "score_dims": score_dims,
               "sparsity": SPARSITY, "sink": SINK, "window": WINDOW,
               "eval_seqs": eval_seqs.shape[0], "eval_len": eval_seqs.shape[1],
-              "poor_layers": [i for i, o in enumerate(overlap) if o < POOR_OVERLAP]}
+              "poor_layers": [i for i, o in enumerate(overlap["pre-rope"]) if o < POOR_OVERLAP]}
     return {"eigvals": eigvals, "eigvecs": eigvecs, "n_tokens": stats[0].n_tokens, "report": report}
 
 
 def format_report(report: dict) -> str:
     r = report
     lines = [f"layer  energy@r={r['rank_25']} (25%)  energy@r={r['rank_125']} (12.5%)  "
-             f"overlap (r*={r['score_dims']}, sparsity {r['sparsity']:.3g})"]
-    for i, (e25, e125, o) in enumerate(zip(r["energy_25"], r["energy_125"], r["overlap"])):
+             f"overlap (r*={r['score_dims']}, sparsity {r['sparsity']:.3g}): pre-rope  expected-rope"]
+    for i, (e25, e125, o, oe) in enumerate(zip(r["energy_25"], r["energy_125"], r["overlap"],
+                                               r["overlap_expected_rope"])):
         flag = "  <- poor" if i in r["poor_layers"] else ""
-        lines.append(f"{i:5d}  {e25:19.4f}  {e125:21.4f}  {o:10.4f}{flag}")
+        lines.append(f"{i:5d}  {e25:19.4f}  {e125:21.4f}  {o:42.4f}  {oe:13.4f}{flag}")
     if r["eval_seqs"] == 0:
         lines.append("overlap not measured: no held-out sequence fitted in the text.")
     elif r["poor_layers"]:

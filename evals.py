@@ -4,6 +4,7 @@ the per-layer error of the attention output. Results: EVAL.md and eval_results/.
     python evals.py                                    # all three evaluations, all five methods, CPU
     python evals.py --evals ppl --methods dense sals-25 --ppl_contexts 2048 --ppl_windows 1
     python evals.py --methods dense sals-25 --score_dims 48 --tag sd48
+    python evals.py --methods dense sals-25 sals-12.5 --ranking expected-rope --tag expected
 
 Methods (the non-dense ones share sparsity, sinks and dense layers, so they attend the same budget):
   dense       model.KVCache in every layer
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from generate import prefill
 from model import DTYPES, Transformer, default_dtype
-from sals_attention import SALSConfig, setup_sals
+from sals_attention import RANKINGS, SALSConfig, setup_sals
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -417,6 +418,7 @@ def parse_args(argv=None):
     s.add_argument("--rank_fraction", type=float)
     s.add_argument("--score_dims", type=int)
     s.add_argument("--value_bits", type=int)
+    s.add_argument("--ranking", choices=RANKINGS, help="how the latent query ranks tokens (default: the preset's)")
     a = p.parse_args(argv)
     if len(a.ppl_windows) not in (1, len(a.ppl_contexts)):
         p.error(f"--ppl_windows takes one number or one per context ({len(a.ppl_contexts)}).")
@@ -454,7 +456,8 @@ def run(a) -> dict:
     tokenizer = load_tokenizer(a.checkpoint)
     needs_calib = any(m != "dense" for m in a.methods)
     calib = load_calibration(a.calib or Path(a.checkpoint) / "sals_calib.pt", model) if needs_calib else None
-    names = ("dense_layers", "sparsity", "sink", "window", "rank", "rank_fraction", "score_dims", "value_bits")
+    names = ("dense_layers", "sparsity", "sink", "window", "rank", "rank_fraction", "score_dims", "value_bits",
+             "ranking")
     overrides = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
     limit = model.args.max_position_embeddings
     contexts = ((a.ppl_contexts if "ppl" in a.evals else []) + (a.passkey_contexts if "passkey" in a.evals else [])

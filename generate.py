@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from model import DTYPES, Transformer, default_dtype, load_model
+from model import DTYPES, ModelArgs, Transformer, default_dtype, load_model
+from sals_attention import RANKINGS
 
 PREFILL_CHUNK = 2048  # long prompts are prefilled in chunks: attention memory stays linear
 
@@ -199,7 +200,13 @@ def parse_args(argv=None):
     s.add_argument("--sals_sink", type=int, help="first tokens always attended at full precision")
     s.add_argument("--sals_window", type=int, help="most recent tokens always attended at full precision")
     s.add_argument("--sals_dense_layers", type=str, help="comma-separated layer ids that keep a dense cache")
+    s.add_argument("--sals_ranking", choices=RANKINGS,
+                   help="how tokens are ranked: by the RoPE-free q.k (the paper), or with q rotated by RoPE's mean "
+                        "rotation over the candidates' distances (default: the preset's)")
     s.add_argument("--sals_calib", type=Path, help="calibration file (default: <checkpoint>/sals_calib.pt)")
+    s.add_argument("--sals_always", action="store_true", default=None,
+                   help="on a GPU, use SALS even where it was measured slower than the dense cache (by default the "
+                        "engine then stays dense and says why; see sals_wins_on_gpu)")
     args = p.parse_args(argv)
     problems = []
     if args.max_new_tokens < 1:
@@ -238,7 +245,7 @@ def sals_setup(args, model: Transformer, default_model: bool):
     """setup_caches(B, S) for --sals: SALS caches built from the checkpoint's calibration."""
     from calibrate import load_calibration
     from sals_attention import SALSConfig, setup_sals
-    names = ("sparsity", "rank", "score_dims", "value_bits", "sink", "window", "dense_layers")
+    names = ("sparsity", "rank", "score_dims", "value_bits", "sink", "window", "dense_layers", "ranking")
     overrides = {n: getattr(args, "sals_" + n) for n in names if getattr(args, "sals_" + n) is not None}
     cfg = SALSConfig.preset(args.sals, **overrides)
     path = args.sals_calib or args.checkpoint / "sals_calib.pt"
@@ -252,11 +259,36 @@ def sals_setup(args, model: Transformer, default_model: bool):
     resolved = setup_sals(model, 1, 1, cfg, calib)  # validates the config now, before any prompt runs
     print(f"SALS: rank {resolved.rank}, score dims {resolved.score_dims}, {resolved.value_bits}-bit values, "
           f"sparsity {resolved.sparsity:g}, {resolved.sink} sinks, window {resolved.window}, dense layers "
-          f"{list(resolved.dense_layers)}", file=sys.stderr)
-    if torch.device(args.device).type == "cuda":
-        print("note: on the GPU the SALS decode step is not yet faster than dense attention (BENCHMARKS.md); "
-              "it saves cache memory, so larger batches fit", file=sys.stderr)
-    return lambda B, S: setup_sals(model, B, S, cfg, calib)
+          f"{list(resolved.dense_layers)}, {resolved.ranking} ranking", file=sys.stderr)
+    on_gpu = torch.device(args.device).type == "cuda"
+
+    def setup(B: int, S: int):
+        if on_gpu and not args.sals_always:
+            free = torch.cuda.mem_get_info(model.output.weight.device)[0]
+            use, why = sals_on_gpu(model.args, resolved.rank, B, S, free, model.output.weight.element_size())
+            print(f"SALS: {why}" if use else f"SALS: staying dense: {why}; --sals_always to use SALS anyway",
+                  file=sys.stderr)
+            if not use:
+                return model.setup_caches(B, S)
+        return setup_sals(model, B, S, cfg, calib)
+    return setup
+
+
+def sals_on_gpu(a: ModelArgs, rank: int, B: int, S: int, free: int, elem_bytes: int = 2) -> tuple[bool, str]:
+    """Whether SALS caches of latent rank `rank` should replace dense ones on a GPU with `free` bytes free, for B
+    sequences of S tokens (dense elements of elem_bytes), and why. The rule is
+    the measurements' (BENCHMARKS.md, H100, whole model, batch 8): SALS decodes faster than the dense cache
+    only for GQA models at SALS-12.5% (rank D/8) from 32K tokens (Mistral-7B 1.18x at 32K, 0.99x at 16K);
+    SALS-25% (0.56-0.89x) and MHA models (0.56-0.73x) never are. Otherwise SALS is used only when the
+    dense cache would not fit in free GPU memory."""
+    D = a.n_kv_head * a.head_dim
+    if a.n_kv_head < a.n_head and rank * 8 <= D and S >= 32768:
+        return True, f"GQA at rank D/8 and {S} tokens, where it was measured faster than dense (BENCHMARKS.md)"
+    dense = 2 * a.n_layer * B * S * D * elem_bytes
+    if dense > 0.9 * free:
+        return True, f"a dense cache ({dense / 1e9:.1f} GB) would not fit in free GPU memory ({free / 1e9:.1f} GB)"
+    return False, (f"on this GPU SALS decodes slower than the dense cache ({dense / 1e9:.1f} GB, which fits) below "
+                   f"32K tokens, for MHA models and at rank D/4 (BENCHMARKS.md)")
 
 
 def read_prompt(spec: str, tokenizer, chat: bool, vocab_size: int, gen: torch.Generator) -> list[int]:

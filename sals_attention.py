@@ -2,7 +2,8 @@
 
 Keys are kept only as low-rank latents of the pre-RoPE keys (all KV heads concatenated, projected on
 the calibrated basis U); values are quantized per token in groups of 32. A decode step ranks every
-compressed token with a RoPE-free latent dot product, keeps the top ones within the budget, rebuilds
+compressed token with a latent dot product (RoPE-free as in the paper, or with RoPE's mean rotation over
+the candidates' distances: `ranking`), keeps the top ones within the budget, rebuilds
 only those keys, rotates them at their original positions and attends over sinks + window + selected.
 Plain PyTorch, the reference for CPU and GPU; the decode step has static shapes and no host sync.
 
@@ -21,6 +22,10 @@ from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies, rope
 GROUP = 32  # value channels sharing one scale and zero
 FUSED = None  # decode with the Triton kernels of kernels/: None = on CUDA tensors; True/False forces it (tests)
 
+# How a decode step ranks the compressed tokens: "pre-rope" by the RoPE-free q.k (the paper); "expected-rope" by
+# q.k with q rotated by RoPE's rotation averaged over the candidates' distances (expected_rotation).
+RANKINGS = ("pre-rope", "expected-rope")
+
 
 @dataclass(frozen=True)
 class SALSConfig:
@@ -33,6 +38,7 @@ class SALSConfig:
     window: int = 64
     dense_layers: tuple[int, ...] | None = None  # layers keeping a dense KVCache; None: (0, 1, L-1)
     selector: str = "latent"  # "oracle": exact top-k by true post-RoPE logits (evaluation only)
+    ranking: str = "pre-rope"  # how the latent query ranks tokens, one of RANKINGS; "pre-rope" is the paper's
 
     @classmethod
     def preset(cls, fraction: float, **overrides) -> "SALSConfig":
@@ -68,7 +74,25 @@ class SALSConfig:
         dense = self.dense_layers if self.dense_layers is not None else {0, 1, L - 1} & set(range(L))
         check(all(0 <= i < L for i in dense), f"dense_layers {sorted(dense)} must be layer ids in 0..{L - 1}.")
         check(self.selector in ("latent", "oracle"), f"selector {self.selector!r} is not 'latent' or 'oracle'.")
+        check(self.ranking in RANKINGS, f"ranking {self.ranking!r} is not one of {', '.join(RANKINGS)}.")
         return replace(self, rank=r, score_dims=rs, dense_layers=tuple(sorted(set(dense))))
+
+
+def expected_rotation(inv_freq: Tensor, input_pos: Tensor, sink: int, window: int) -> Tensor:
+    """The mean RoPE rotation between a query at input_pos (b, 1) and the candidates sink <= j <= pos - window,
+    as a (b, Dh/2, 2) float32 (cos, sin) table for model.apply_rope; inv_freq (Dh/2,) float64.
+
+    Per frequency pair, the post-RoPE logit is q_rot(d).k with q_rot(d) = q rotated by d * theta, d = pos - j
+    (the pre-RoPE ranking takes d = 0). d is unknown without rebuilding the key, so take its mean over the
+    candidates, d uniform on the integers window..pos - sink: mean e^(i theta d) = e^(i theta m) sin(n theta/2)
+    / (n sin(theta/2)), m the middle distance, n how many there are. Fast pairs average out (their factor
+    tends to 0) and slow ones stay; theta in (0, 1] keeps sin(theta/2) away from 0. Tensor ops only: no host
+    sync, static shapes."""
+    lo = window
+    hi = (input_pos - sink).clamp(min=lo).double()  # (b, 1): no candidates yet ranks nothing, any table will do
+    n, mid = hi - lo + 1, (hi + lo) / 2
+    damp = torch.sin(n * inv_freq / 2) / (n * torch.sin(inv_freq / 2))  # (b, Dh/2) Dirichlet kernel
+    return torch.stack([(mid * inv_freq).cos() * damp, (mid * inv_freq).sin() * damp], -1).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +170,7 @@ class SALSCache(nn.Module):
                              f"({Hkv * Dh}, {r}).")
         self.n_kv_head, self.head_dim, self.G, self.rs = Hkv, Dh, args.n_head // Hkv, rs
         self.n_sink, self.window, self.bits, self.sparsity = cfg.sink, cfg.window, cfg.value_bits, cfg.sparsity
-        self.oracle = cfg.selector == "oracle"
+        self.oracle, self.ranking = cfg.selector == "oracle", cfg.ranking
         self.rope = rope_table(args, S) if rope is None else rope
         if self.rope.shape[0] < S or self.rope.shape[1:] != (Dh // 2, 2) or self.rope.dtype != torch.float32:
             raise ValueError(f"rope has shape {tuple(self.rope.shape)} {self.rope.dtype}, expected the model's table "
@@ -156,7 +180,7 @@ class SALSCache(nn.Module):
         q_width = Dh if cfg.value_bits == 16 else Dh * cfg.value_bits // 8
         full = lambda n: torch.zeros(B, n, Hkv, Dh, dtype=dt)  # noqa: E731
         buffers = {
-            "U": U,  # (D, r)
+            "U": U.contiguous(),  # (D, r) row-major: the fused kernel loads tiles of U's rows
             "inv_freq": rope_frequencies(args),  # (Dh/2,) float64: the reference's angles, bit for bit the table's
             "k_lat_score": torch.zeros(B, S, rs, dtype=dt),  # latent prefix read by the ranking
             "k_lat_rest": torch.zeros(B, S, r - rs, dtype=dt),
@@ -194,9 +218,9 @@ class SALSCache(nn.Module):
             y = self.prefill(q_rope, k_rope, v, input_pos, b)
             self.write(b, k, k_rope, v, input_pos)
             return y
-        self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
         if rows is None and not self.oracle and (q.is_cuda if FUSED is None else FUSED):
-            return self.fused_decode(q, q_rope, input_pos)
+            return self.fused_decode(q, q_rope, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
+        self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
         idx, keep = self.select(q, q_rope, input_pos, rows)  # 2-4. rank, top-k within the budget
         K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, idx)], 1)  # 5. (b, n, Hkv, Dh)
         V = torch.cat([self.sink_v[b], self.win_v[b], self.values(b, idx)], 1)
@@ -204,39 +228,48 @@ class SALSCache(nn.Module):
         mask = torch.cat([sink_ok, self.window_pos[b] >= 0, keep], 1)  # (b, n)
         return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask[:, None])  # 6.
 
-    def fused_decode(self, q: Tensor, q_rope: Tensor, input_pos: Tensor) -> Tensor:
-        """Steps 2-6 with the Triton kernels (all B rows): scoring kernel, torch.topk, one fused kernel that
-        rebuilds, rotates and attends without writing keys to memory. Imported here so that importing this
-        module never initializes Triton (its interpreter mode is fixed when a kernel is defined)."""
+    def fused_decode(self, q: Tensor, q_rope: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+        """Steps 1-6 with the Triton kernels (all B rows): one kernel compresses and stores the new token, the
+        scoring kernel, torch.topk, one fused kernel that rebuilds, rotates and attends without writing keys to
+        memory. Imported here so that importing this module never initializes Triton (its interpreter mode is
+        fixed when a kernel is defined)."""
+        from kernels.compress import compress_decode
         from kernels.latent_score import latent_scores
         from kernels.sals_decode import fused_decode
         if self.rope.device != q.device:
             raise ValueError(f"the RoPE table is on {self.rope.device} but the step runs on {q.device}: build the "
                              f"cache with rope=<the model's table on that device> (setup_sals does).")
-        s = latent_scores(self.k_lat_score, self.latent_query(q), input_pos, self.n_sink, self.window)  # (B, S)
+        compress_decode(self, k, k_rope, v, input_pos)
+        s = latent_scores(self.k_lat_score, self.latent_query(q, input_pos), input_pos, self.n_sink, self.window)
         idx, keep = self.top(s, input_pos)
         return fused_decode(self, q_rope, input_pos, idx, keep)
 
-    def latent_query(self, q: Tensor) -> Tensor:
-        """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*]."""
+    def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
+        """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];
+        "expected-rope" ranking rotates the sums by expected_rotation first (the same map for every head, so
+        rotating the sum equals summing the rotated heads). q (b, H, 1, Dh), input_pos (b, 1)."""
         q_sum = q[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
+        if self.ranking == "expected-rope":
+            rot = expected_rotation(self.inv_freq, input_pos, self.n_sink, self.window)  # (b, Dh/2, 2)
+            q_sum = apply_rope(q_sum[:, :, None], rot[:, None])[:, :, 0]
         return q_sum.flatten(1) @ self.U[:, :self.rs]
 
-    def scores(self, q: Tensor, q_rope: Tensor, rows: Tensor | None) -> Tensor:
+    def scores(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> Tensor:
         """Steps 2-3: the ranking score (b, S) of every cache position (unwritten ones are garbage).
-        Latent: q_lat = (each KV group's G query heads summed, pre-RoPE, concatenated to width D) @ U[:, :r*],
-        exactly the sum over heads of q.k when r* = D; oracle: the sum over heads of the true post-RoPE q.k."""
+        Latent: q_lat = latent_query(q, input_pos); with "pre-rope" ranking, q_lat . k_lat_j is exactly the sum
+        over heads of the pre-RoPE q.k when r* = D, with "expected-rope" the mean of the post-RoPE one over the
+        candidates' distances; oracle: the sum over heads of the true post-RoPE q.k."""
         if self.oracle:
             k_full = self.k_full if rows is None else self.k_full[rows]
             q_sum = q_rope[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
             return torch.einsum("bshd,bhd->bs", k_full, q_sum)
         k_lat = self.k_lat_score if rows is None else self.k_lat_score[rows]  # (b, S, r*)
-        return (k_lat @ self.latent_query(q)[:, :, None])[..., 0]
+        return (k_lat @ self.latent_query(q, input_pos)[:, :, None])[..., 0]
 
     def select(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 4: positions (b, k_max) of the top compressed tokens sink <= j <= pos - window, and which of
         them are attended (b, k_max): the first floor(sparsity * (pos+1)) - sink - window of each row."""
-        s = self.scores(q, q_rope, rows)
+        s = self.scores(q, q_rope, input_pos, rows)
         j = torch.arange(s.shape[1], device=s.device)
         return self.top(s.masked_fill((j < self.n_sink) | (j > input_pos - self.window), -math.inf), input_pos)
 

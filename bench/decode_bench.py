@@ -1,12 +1,19 @@
-"""Decode throughput of the whole model with random weights of a named shape.
+"""Decode throughput of the whole model with random weights of a named shape: dense and SALS caches.
 
     python bench/decode_bench.py --shape llama-2-7b --prompt 4096 --batch 1 16 --compile
+    python bench/decode_bench.py --shape mistral-7b --prompt 4096 32768 --batch 8 --method dense sals-12.5 --graph
+    python bench/decode_bench.py --shape llama-2-7b --prompt 32768 --method dense sals-12.5 --max_batch --graph
 
-Decode only, as in ANCHORS.md: the cache is filled with random values as if a prompt of the given
-length had been prefilled (the cost of a decode step does not depend on what the cache holds, but
-zeros can run faster than real data), then `--steps` tokens are decoded and timed.
+Decode only, as in ANCHORS.md: every cache buffer is filled with random values as if a prompt of the
+given length had been prefilled (the cost of a step does not depend on what the cache holds, but zeros
+can run faster than real data), then `--steps` tokens are decoded and timed. SALS caches get a random
+orthonormal basis per layer instead of a calibration and a full window ring, so that each step attends
+its whole budget. `--graph` captures the eager step in one CUDA graph (seconds to set up; `--compile`
+takes minutes per shape and batch on a 7B model). `--max_batch` finds, for each prompt and method,
+the largest batch whose weights, caches and decode step fit on the GPU, and times that batch.
 """
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -17,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate import compiled_decode, decode_one_token, kv_bytes_per_step, model_bytes_per_step  # noqa: E402
 import model as model_module  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from sals_attention import SALSCache, SALSConfig, setup_sals  # noqa: E402
 
 SHAPES = {  # Hugging Face config.json fields of each model
     "llama-2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -25,9 +33,11 @@ SHAPES = {  # Hugging Face config.json fields of each model
                        intermediate_size=14336, vocab_size=32000, rope_theta=1000000.0),
     "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=1000, rope_theta=10000.0),  # a smoke test on CPU
+    "tiny": dict(hidden_size=128, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=1000, rope_theta=10000.0),  # CPU smoke tests; SALS in layers 2, 3
 }
+WARMUP = 3  # untimed steps before the timed runs (the first compiles or captures)
+METHODS = {"dense": None, "sals-25": 0.25, "sals-12.5": 0.125}  # name -> SALSConfig.preset fraction
 
 
 def random_model(shape: str, device, dtype) -> Transformer:
@@ -52,27 +62,119 @@ def attend_matmul(q, k, v, mask):
     return (p @ v).view(B, H, T, D)
 
 
-def fill_caches(model: Transformer):
-    with torch.no_grad():
-        for buf in model.buffers():
-            if buf.is_floating_point() and buf.dim() == 4:  # the (B, Hkv, S, D) caches
-                buf.normal_()
+# ---------------------------------------------------------------------------------------------
+# Caches: allocation and a synthetic prefill.
+
+def synthetic_calibration(model: Transformer, cfg: SALSConfig) -> dict:
+    """What setup_sals reads of a calibration: per layer an orthonormal (D, rank) basis, random (which
+    basis it is does not change the cost of a step), in the model's dtype on its device."""
+    a, w = model.args, model.output.weight
+    D = a.n_kv_head * a.head_dim
+    r = cfg.resolve(a, D).rank
+    return {"eigvecs": [torch.linalg.qr(torch.randn(D, r, device=w.device))[0].to(w.dtype) for _ in range(a.n_layer)]}
+
+
+def cache_setup(model: Transformer, method: str):
+    """setup(B, S) that allocates `method`'s caches: dense, or SALS with a synthetic calibration (built once)."""
+    if METHODS[method] is None:
+        return model.setup_caches
+    cfg = SALSConfig.preset(METHODS[method])
+    calib = synthetic_calibration(model, cfg)
+    return lambda B, S: setup_sals(model, B, S, cfg, calib)
+
+
+def fill_sals(cache: SALSCache, prompt: int):
+    """Every buffer of a SALS cache as if positions 0..prompt-1 had been written: random latents, full-precision
+    sinks and window, packed values (random bytes) with small positive scales and zeros, and the window ring
+    holding positions prompt-W..prompt-1 in their slots (pos - sink) % W, as SALSCache.write leaves them."""
+    for name, t in cache.named_buffers():
+        if name in ("U", "inv_freq"):  # the basis and the RoPE frequencies are set at allocation
+            continue
+        if name == "window_pos":
+            pos = torch.arange(max(cache.n_sink, prompt - cache.window), prompt, device=t.device)
+            t.fill_(-1)
+            t[:, (pos - cache.n_sink) % cache.window] = pos.to(t.dtype)
+        elif name in ("v_scale", "v_zero"):
+            t.uniform_(0.01, 0.1)
+        elif t.dtype == torch.uint8:
+            t.random_(0, 256)
+        else:
+            t.normal_()
 
 
 @torch.no_grad()
-def time_decode(model, batch: int, prompt: int, steps: int, decode_fn) -> float:
-    """Seconds per decode step, median of three timed runs of `steps` steps."""
+def fill_caches(model: Transformer, prompt: int):
+    for layer in model.layers:
+        cache = layer.attention.kv_cache
+        if isinstance(cache, SALSCache):
+            fill_sals(cache, prompt)
+        else:
+            cache.k_cache.normal_()
+            cache.v_cache.normal_()
+
+
+def release_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error, also when it surfaces as another error (a CUDA graph capture it aborted, a cuBLAS
+    workspace it denied)."""
+    while e is not None:
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or "ALLOC_FAILED" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+def graph_decode():
+    """decode_one_token captured in a CUDA graph on its first call, replayed after: the eager kernels without
+    their launch overhead. The graph holds the caches' addresses: make a new one after every setup_caches."""
+    graph, io = torch.cuda.CUDAGraph(), {}
+
+    def decode(model, tokens, input_pos, temperature, top_k, top_p):
+        if not io:
+            io["in"] = tokens.clone(), input_pos.clone()  # static inputs, refreshed before each replay
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # outside the capture: Triton compilation, cuBLAS workspaces
+                for _ in range(2):
+                    decode_one_token(model, *io["in"], temperature, top_k, top_p)
+            stream = torch.cuda.current_stream()
+            stream.wait_stream(side)
+            try:  # torch.cuda.graph frees the cached memory first: its private pool may take all that is free
+                with torch.cuda.graph(graph):
+                    io["out"] = decode_one_token(model, *io["in"], temperature, top_k, top_p)
+            finally:  # a capture aborted (out of memory) can leave torch.cuda.graph's capture stream current
+                torch.cuda.set_stream(stream)
+        io["in"][0].copy_(tokens)
+        io["in"][1].copy_(input_pos)
+        graph.replay()
+        return io["out"]
+    return decode
+
+
+@torch.no_grad()
+def time_decode(model, batch: int, prompt: int, steps: int, decode_fn, setup=None, runs: int = 3) -> float | None:
+    """Seconds per decode step at positions prompt.., median of `runs` timed runs of `steps` steps after a
+    warm-up (compilation, graph capture); runs=0 only allocates and warms up (does it fit?) and returns None.
+    setup(B, S) allocates the caches (default: dense)."""
     device = model.output.weight.device
-    model.setup_caches(batch, prompt + steps)
-    fill_caches(model)
+    (setup or model.setup_caches)(batch, prompt + max(steps, WARMUP))
+    fill_caches(model, prompt)
     tokens = torch.randint(0, model.args.vocab_size, (batch, 1), device=device)
     times = []
-    for run in range(4):  # run 0 warms up (compilation, CUDA graph capture)
+    for run in range(runs + 1):
         pos = torch.full((batch, 1), prompt, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(steps if run else 3):
+        for _ in range(steps if run else WARMUP):
             tokens = decode_fn(model, tokens, pos, 0.0, None, None).clone()
             pos = pos + 1
         if device.type == "cuda":
@@ -82,53 +184,171 @@ def time_decode(model, batch: int, prompt: int, steps: int, decode_fn) -> float:
         else:
             print(f"  batch {batch}, prompt {prompt}: warm-up (compile, graph capture) {time.perf_counter() - t:.1f} s",
                   file=sys.stderr, flush=True)
-    return sorted(times)[1]
+    return sorted(times)[len(times) // 2] if times else None
 
 
-def main(argv=None):
+def largest_batch(fits, limit: int, guess: int = 1) -> int:
+    """The largest batch in 1..limit with fits(batch), for a fits that holds up to some batch and not above it
+    (0 when fits(1) is false). From guess, steps of 1, 2, 4, ... up while it fits (down while it does not), then
+    bisection: from guess 1, doubling; 2 log2(distance to the answer) + 2 calls, none outside 1..limit."""
+    lo = hi = min(max(guess, 1), limit)  # fits(lo) holds (0 trivially), fits(hi) does not (limit + 1: unknown)
+    step = 1
+    if fits(lo):
+        while lo + step <= limit and fits(lo + step):
+            lo, step = lo + step, 2 * step
+        hi = min(lo + step, limit + 1)
+    else:
+        while hi - step >= 1 and not fits(hi - step):
+            hi, step = hi - step, 2 * step
+        lo = max(hi - step, 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def measure(model, setup, batch: int, prompt: int, steps: int, make_decode, runs: int = 3) -> dict | None:
+    """Times one batch (runs=0: allocates and warms up only). Returns step time and memory, None when it does not
+    fit on the GPU; frees the caches either way."""
+    cuda = model.output.weight.is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        step = time_decode(model, batch, prompt, steps, make_decode(), setup, runs)
+        result = dict(step=step, kv=model.kv_cache_bytes(), read=model_bytes_per_step(model) + kv_bytes_per_step(model),
+                      peak=torch.cuda.max_memory_allocated() if cuda else None)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        result = None
+    model.setup_caches(1, 1)  # frees the caches
+    release_memory()
+    return result
+
+
+def search_batch(model, setup, prompt: int, args, make_decode) -> int:
+    """The largest batch (up to args.max_batch_limit) whose caches and warmed-up step fit. The search starts
+    from free memory / one sequence's cache, a little high (the step's activations): each try compiles new
+    kernel variants, so a start close to the answer saves most of the time."""
+    fits = lambda b: measure(model, setup, b, prompt, args.steps, make_decode, runs=0)  # noqa: E731
+    one = fits(1)
+    guess = int(torch.cuda.mem_get_info()[0] // one["kv"]) if one and model.output.weight.is_cuda else 1
+    batch = largest_batch(lambda b: fits(b) is not None, args.max_batch_limit, guess)
+    print(f"  prompt {prompt}: largest batch {batch} (first guess {guess})", file=sys.stderr, flush=True)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# The table.
+
+HEADER = ("| shape | prompt | method | batch | ms / step | tokens/s (all sequences) | speed-up vs dense, same batch | "
+          "tokens/s vs dense at its largest batch | KV cache allocated | effective bandwidth | peak GPU memory |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def vs_dense(r: dict, results: list[dict]) -> tuple[str, str]:
+    """Row r against the dense rows of the same run: step-time ratio at the same batch, and (largest-batch rows)
+    tokens/s ratio to dense at dense's own largest batch."""
+    dense = [d for d in results if d["method"] == "dense" and (d["shape"], d["prompt"]) == (r["shape"], r["prompt"])]
+    same = [d for d in dense if d["batch"] == r["batch"]]
+    dense_max = [d for d in dense if d["largest"]]
+    if any(d["step"] for d in same):
+        speedup = f"{next(d for d in same if d['step'])['step'] / r['step']:.2f}x"
+    elif same or (dense_max and r["batch"] > dense_max[0]["batch"]):
+        speedup = "n/a (dense OOM)"
+    else:
+        speedup = "n/a (no dense run)"
+    if not r["largest"]:
+        return speedup, ""
+    if not dense_max:
+        return speedup, "n/a (no dense run)"
+    d = dense_max[0]
+    if not d["step"]:
+        return speedup, "n/a (dense OOM)"
+    return speedup, f"{r['batch'] / r['step'] / (d['batch'] / d['step']):.2f}x (dense: batch {d['batch']})"
+
+
+def format_row(r: dict, results: list[dict]) -> str:
+    batch = (f"{r['batch']} (largest)" if r["batch"] else "none fits") if r["largest"] else str(r["batch"])
+    head = f"| {r['shape']} | {r['prompt']} | {r['method']} | {batch} |"
+    if r["step"] is None:
+        return head + " out of memory |" + " |" * 6
+    speedup, vs_max = vs_dense(r, results)
+    peak = "n/a (cpu)" if r["peak"] is None else f"{r['peak'] / 1e9:.1f} GB"
+    return (head + f" {r['step'] * 1e3:.2f} | {r['batch'] / r['step']:.1f} | {speedup} | {vs_max} | "
+            f"{r['kv'] / 1e9:.3g} GB | {r['read'] / r['step'] / 1e12:.3g} TB/s | {peak} |")
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["llama-2-7b"])
     p.add_argument("--prompt", type=int, nargs="+", default=[4096])
-    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="default 1; not with --max_batch")
+    p.add_argument("--method", choices=list(METHODS), nargs="+", default=["dense"],
+                   help="dense bf16 cache, or SALS-25%% / SALS-12.5%% (sals_attention.py presets)")
+    p.add_argument("--max_batch", action="store_true",
+                   help="for each shape, prompt and method, time the largest batch that fits on the GPU")
+    p.add_argument("--max_batch_limit", type=int, default=1024, help="the largest batch --max_batch tries")
     p.add_argument("--steps", type=int, default=127)
-    p.add_argument("--compile", action="store_true")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--compile", action="store_true", help="torch.compile the step (minutes per shape and batch)")
+    how.add_argument("--graph", action="store_true", help="capture the eager step in a CUDA graph (GPU only)")
     p.add_argument("--attn", choices=["sdpa", "matmul"], default="sdpa",
                    help="dense decode attention: model.attend (torch SDPA), or the matmul experiment")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     args = p.parse_args(argv)
+    given = dict(prompt=args.prompt, batch=args.batch or [1], steps=[args.steps],
+                 max_batch_limit=[args.max_batch_limit])
+    problems = [f"--{name} must be at least 1 (got {min(v)})" for name, v in given.items() if min(v) < 1]
+    if args.max_batch and args.batch:
+        problems.append("--max_batch searches the batch itself: leave out --batch")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: no CUDA GPU is available; use --device cpu")
+    if problems:
+        p.error("; ".join(problems))
+    args.batch = args.batch or [1]
+    args.method = sorted(set(args.method), key=list(METHODS).index)  # dense first: the other rows compare to it
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.attn == "matmul":
         model_module.attend = attend_matmul
-    decode_fn = decode_one_token
+    make_decode, mode = (lambda: decode_one_token), "eager"  # make_decode() -> a decode_fn for one cache allocation
     if args.compile:
-        decode_fn = compiled_decode()
+        compiled, mode = compiled_decode(), "torch.compile"
+        make_decode = lambda: compiled  # noqa: E731
+    elif args.graph and device.type == "cuda":
+        make_decode, mode = graph_decode, "CUDA graph"
+    elif args.graph:
+        print("note: --graph needs a GPU; timing the eager step", file=sys.stderr)
 
-    rows = []
+    torch.manual_seed(0)
+    results = []
     for shape in args.shape:
         model = random_model(shape, device, dtype)
-        for prompt in args.prompt:
-            for batch in args.batch:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                try:
-                    step = time_decode(model, batch, prompt, args.steps, decode_fn)
-                except torch.OutOfMemoryError:
-                    rows.append(f"| {shape} | {prompt} | {batch} | out of memory | | | |")
-                    model.setup_caches(1, 1)
-                    continue
-                gbytes = (model_bytes_per_step(model) + kv_bytes_per_step(model)) / 1e9
-                mem = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
-                rows.append(f"| {shape} | {prompt} | {batch} | {step * 1e3:.2f} | {batch / step:.1f} | "
-                            f"{gbytes / step / 1e3:.2f} TB/s | {mem:.1f} GB |")
-                print(rows[-1], flush=True)
+        release_memory()  # the float32 copies of the weights that random_model cast
+        for method in args.method:
+            setup = cache_setup(model, method)
+            for prompt in args.prompt:
+                batches = [search_batch(model, setup, prompt, args, make_decode)] if args.max_batch else args.batch
+                for batch in batches:
+                    m = measure(model, setup, batch, prompt, args.steps, make_decode) if batch else None
+                    results.append(dict(shape=shape, prompt=prompt, method=method, batch=batch,
+                                        largest=args.max_batch, **(m or dict(step=None))))
+                    print(format_row(results[-1], results), flush=True)
+            del setup
         del model
+        release_memory()
+    order = lambda r: (args.shape.index(r["shape"]), r["prompt"], 0 if r["largest"] else r["batch"],  # noqa: E731
+                       args.method.index(r["method"]))
     print(f"\n{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"compile={args.compile}, attention={args.attn}, {args.steps} steps")
-    print("| shape | prompt | batch | ms / step | tokens/s (all sequences) | effective bandwidth | peak memory |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    print("\n".join(rows))
+          f"{mode}, attention={args.attn}, {args.steps} steps, median of 3 runs")
+    print(HEADER)
+    print("\n".join(format_row(r, results) for r in sorted(results, key=order)))
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Launch settings per family (G == 1: "mha", else "gqa"); bench/attention_bench.py --sweep times variants and
 # may overwrite these before it compiles a step. heads: KV heads per program; split_blocks: token blocks per
-# selection split (None: enough splits for ~4 programs per SM). The fastest of the sweep on the H100
-# (bench/NOTES.md, 2026-11-23): MHA 335.6 us vs 358.1 with one head, GQA 497.3 us vs 705.7 with block_n 64.
+# selection split (None: enough splits for ~4 programs per SM); maxnreg: register cap (None: the compiler's).
+# The fastest of the sweep on the H100 (bench/NOTES.md, 2026-11-23, third version): MHA 288.0 us with 4 warps
+# vs 328.7 with 8 at Llama-2 4K B=8; GQA 427.6 us with 128-token blocks vs 638.9 with 64 at Mistral 32K B=8.
 CONFIGS = {
-    "mha": dict(heads=2, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
-    "gqa": dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
+    "mha": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3, maxnreg=None),
+    "gqa": dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=3, maxnreg=None),
 }
-INTERPRETER_CONFIG = dict(heads=2, block_n=16, block_r=16, split_blocks=None, num_warps=1, num_stages=1)
+INTERPRETER_CONFIG = dict(heads=2, block_n=16, block_r=16, split_blocks=None, num_warps=1, num_stages=1, maxnreg=None)
 
 
 @triton.jit
@@ -53,16 +54,23 @@ def _attend_block(q1, q2, k1, k2, v, valid, m, l, acc, qk_scale, PREC: tl.conste
 
 
 @triton.jit
-def _rebuild(k1, k2, lat_row, ok, u1, u2, C0: tl.constexpr, WIDTH: tl.constexpr, stride_ur,
-             BLOCK_R: tl.constexpr, PREC: tl.constexpr):
+def _rebuild(k1, k2, lat_row, ok, u1, u2, C0: tl.constexpr, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr,
+             PREC: tl.constexpr):
     """k1, k2 (BLOCK_N, NH) += latent coordinates C0 .. C0+WIDTH-1 of the tokens (lat_row (BLOCK_N, 1): their
-    rows of a (B, S, WIDTH) buffer) @ the matching rows of U^T (u1, u2 (1, NH) pointers to U's rows)."""
+    rows of a (B, S, WIDTH) buffer) @ the matching columns of U's rows (u1, u2 (NH, 1) pointers into U (D, r),
+    row-major). U tiles are loaded (NH, BLOCK_R), contiguous along r and unmasked when BLOCK_R divides WIDTH, so
+    they are 16-byte asynchronous copies that the pipeliner overlaps with the dots; a column-major or masked
+    tile falls back to 2-byte synchronous loads (bench/NOTES.md: the first kernels' 40 TFLOP/s)."""
     for c0 in range(0, WIDTH, BLOCK_R):
         c = c0 + tl.arange(0, BLOCK_R)
         lat = tl.load(lat_row + c[None, :], mask=ok[:, None] & (c[None, :] < WIDTH), other=0.0)  # (BLOCK_N, BLOCK_R)
-        u_off = (C0 + c[:, None]) * stride_ur
-        k1 = tl.dot(lat, tl.load(u1 + u_off, mask=c[:, None] < WIDTH, other=0.0), k1, input_precision=PREC)
-        k2 = tl.dot(lat, tl.load(u2 + u_off, mask=c[:, None] < WIDTH, other=0.0), k2, input_precision=PREC)
+        if WIDTH % BLOCK_R == 0:
+            u_a, u_b = tl.load(u1 + C0 + c[None, :]), tl.load(u2 + C0 + c[None, :])  # (NH, BLOCK_R)
+        else:  # odd latent widths (small models): masked, slow loads
+            u_a = tl.load(u1 + C0 + c[None, :], mask=c[None, :] < WIDTH, other=0.0)
+            u_b = tl.load(u2 + C0 + c[None, :], mask=c[None, :] < WIDTH, other=0.0)
+        k1 = tl.dot(lat, tl.trans(u_a), k1, input_precision=PREC)
+        k2 = tl.dot(lat, tl.trans(u_b), k2, input_precision=PREC)
     return k1, k2
 
 
@@ -85,7 +93,7 @@ def _values(vq_ptr, vs_ptr, vz_ptr, vrow, ok, cv, HD: tl.constexpr, BITS: tl.con
 def _sals_decode_kernel(
         q_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr, win_pos_ptr, pos_ptr,
         idx_ptr, keep_ptr, kls_ptr, klr_ptr, u_ptr, rope_ptr, vq_ptr, vs_ptr, vz_ptr,
-        m_ptr, l_ptr, acc_ptr, S, Hkv, K, stride_ud, stride_ur,
+        m_ptr, l_ptr, acc_ptr, S, Hkv, K, R,
         qk_scale: tl.constexpr,  # constexpr: under torch.compile a float argument would arrive as fp64
         G: tl.constexpr, HD: tl.constexpr, N_SINK: tl.constexpr, W: tl.constexpr, RS: tl.constexpr,
         RR: tl.constexpr, BITS: tl.constexpr, TPS: tl.constexpr, HEADS: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -125,8 +133,8 @@ def _sals_decode_kernel(
             m, l, acc = _attend_block(q1, q2, k1, k2, v, in_sink | in_win, m, l, acc, qk_scale, PREC)
     else:  # selected tokens [lo, lo + TPS) of idx
         lo = (split - 1) * TPS
-        u1 = u_ptr + kcol[None, :] * stride_ud  # (1, HEADS*HD2): rows of U (D, r) of the first halves ...
-        u2 = u1 + HD2 * stride_ud  # ... and of the second halves
+        u1 = u_ptr + kcol[:, None] * R  # (HEADS*HD2, 1): rows of U (D, r) of the first halves ...
+        u2 = u1 + HD2 * R  # ... and of the second halves
         for t0 in range(0, TPS, BLOCK_N):  # a static trip count (the interpreter has no program-dependent ranges)
             if lo + t0 < K:  # the last split may have fewer blocks
                 t = lo + t0 + tl.arange(0, BLOCK_N)
@@ -135,11 +143,11 @@ def _sals_decode_kernel(
                 k1 = tl.zeros([BLOCK_N, HEADS * HD2], tl.float32)
                 k2 = tl.zeros([BLOCK_N, HEADS * HD2], tl.float32)
                 lat = (b * S + j[:, None])  # (BLOCK_N, 1) latent rows
-                k1, k2 = _rebuild(k1, k2, kls_ptr + lat * RS, ok, u1, u2, 0, RS, stride_ur, BLOCK_R, PREC)
-                k1, k2 = _rebuild(k1, k2, klr_ptr + lat * RR, ok, u1, u2, RS, RR, stride_ur, BLOCK_R, PREC)
-                cs = rope_ptr + (j[:, None] * HD2 + col[None, :] % HD2) * 2  # (cos, sin) of the model's table
-                cos = tl.load(cs, mask=ok[:, None], other=0.0)
-                sin = tl.load(cs + 1, mask=ok[:, None], other=0.0)
+                k1, k2 = _rebuild(k1, k2, kls_ptr + lat * RS, ok, u1, u2, 0, RS, BLOCK_R, PREC)
+                k1, k2 = _rebuild(k1, k2, klr_ptr + lat * RR, ok, u1, u2, RS, RR, BLOCK_R, PREC)
+                # (cos, sin) pairs of the model's table, loaded as whole contiguous rows and split
+                cs = rope_ptr + j[:, None, None] * HD + (col % HD2)[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+                cos, sin = tl.split(tl.load(cs, mask=ok[:, None, None], other=0.0))  # (BLOCK_N, HEADS*HD2)
                 r1 = (k1 * cos - k2 * sin).to(q1.dtype)
                 r2 = (k2 * cos + k1 * sin).to(q1.dtype)
                 v = _values(vq_ptr, vs_ptr, vz_ptr, lat * Hkv + h0, ok, cv, HD, BITS, q1.dtype)
@@ -213,16 +221,25 @@ def launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, k
     heads, BLOCK_N = heads_per_program(Hkv, cfg), cfg["block_n"]
     TPS = BLOCK_N * max(1, triton.cdiv(triton.cdiv(K, BLOCK_N), max(1, n_split - 1)))  # tokens per split
     assert TPS * (n_split - 1) >= K, "too few splits for the selection"
-    for t in (q, sink_k, sink_v, win_k, win_v, window_pos, idx, keep, k_lat_score, k_lat_rest, rope, v_q, m, l, acc):
-        assert t.is_contiguous(), "decode_attention expects contiguous buffers (U may have any strides)"
+    for t in (q, sink_k, sink_v, win_k, win_v, window_pos, idx, keep, k_lat_score, k_lat_rest, U, rope, v_q, m, l, acc):
+        assert t.is_contiguous(), "decode_attention expects contiguous buffers"
     scale = v_q if v_scale is None else v_scale  # unused when bits == 16
     zero = v_q if v_zero is None else v_zero
     return torch.library.wrap_triton(_sals_decode_kernel)[(B, Hkv // heads, n_split)](
         q, sink_k, sink_v, win_k, win_v, window_pos, input_pos.reshape(B), idx, keep, k_lat_score, k_lat_rest,
-        U, rope, v_q, scale, zero, m, l, acc, S, Hkv, K, U.stride(0), U.stride(1), HD ** -0.5 * math.log2(math.e),
+        U, rope, v_q, scale, zero, m, l, acc, S, Hkv, K, RS + RR, HD ** -0.5 * math.log2(math.e),
         G=G, HD=HD, N_SINK=n_sink, W=W, RS=RS, RR=RR, BITS=bits, TPS=TPS, HEADS=heads,
-        BLOCK_Q=max(16, triton.next_power_of_2(heads * G)), BLOCK_N=BLOCK_N, BLOCK_R=cfg["block_r"],
-        PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_Q=max(16, triton.next_power_of_2(heads * G)), BLOCK_N=BLOCK_N, BLOCK_R=latent_block(RS, RR, cfg["block_r"]),
+        PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
+
+
+def latent_block(RS: int, RR: int, block_r: int) -> int:
+    """The r tile of the rebuild: the largest power of two <= block_r dividing both latent widths (unmasked
+    U loads), but at least 16 (tl.dot's minimum; masked loads then)."""
+    while block_r > 16 and (RS % block_r or RR % block_r):
+        block_r //= 2
+    return block_r
 
 
 def combine_splits(m: Tensor, l: Tensor, acc: Tensor) -> Tensor:

@@ -178,6 +178,18 @@ def test_streaming_has_the_same_budget_as_the_other_methods(real):
         evals.method_config("h2o", 1024)
 
 
+@pytest.mark.parametrize("ranking", ["pre-rope", "expected-rope"])
+def test_ranking_override_reaches_the_sals_caches(real, ranking):
+    model, _, calib, _ = real
+    a = evals.parse_args(["--methods", "sals-25", "oracle", "--ranking", ranking])
+    assert a.ranking == ranking
+    evals.setup_methods(model, a.methods, 1024, calib, {"ranking": a.ranking})
+    sals, oracle = model.layers[5].attention.kv_cache.caches
+    assert sals.ranking == ranking and oracle.oracle  # the oracle ranks by true logits whatever --ranking says
+    with pytest.raises(SystemExit):
+        evals.parse_args(["--ranking", "post-rope"])
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Pass-key retrieval.
 

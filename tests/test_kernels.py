@@ -169,6 +169,113 @@ def check_dispatched_decode_equals_reference_model():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+# The compression kernel (kernels/compress.py): MHA, GQA, and 3 KV heads of 32 channels (96, no power of two);
+# 4-, 2- and 16-bit values.
+COMPRESS_CASES = [
+    (4, 4, 64, dict(rank_fraction=0.25, value_bits=4)),  # r = 64, r* = 32
+    (8, 2, 64, dict(rank_fraction=0.125, value_bits=2)),  # r = 16, r* = 8
+    (6, 3, 32, dict(rank=40, score_dims=24, value_bits=16)),
+]
+# Each row's new position, sink 4, window 8: the first and the last sink, exactly at the sink boundary, a wrapped
+# ring, a ring left whole by an earlier, longer sequence of the row (positions 33..40 >= 13), one left partly
+# (16..23, of which 20..23 >= 20), and the last position.
+COMPRESS_POS = [0, 3, 4, 37, 13, 20, 47]
+STALE = {4: 40, 5: 23}  # row: the last position the earlier sequence reached
+
+
+def compress_step_and_reference(n_head, n_kv_head, head_dim, dtype, pos, stale=(), **kw):
+    """A random cache (S = 48) and a step at pos, with the destinations poisoned (NaN, codes 0xFF) and the ring of
+    the rows in stale (row: last position) filled by an earlier sequence; k, k_rope and v are views with padded
+    heads and U a column slice of a wider matrix, the padding NaN. Returns (the cache after compress_decode, a
+    copy after SALSCache.write, k, input_pos)."""
+    import copy
+    from kernels.compress import compress_decode
+    from model import apply_rope
+    B, S = len(pos), 48
+    cache, _, k, v, input_pos, rope = random_cache(B, S, n_head, n_kv_head, head_dim, pos=pos, dtype=dtype,
+                                                   seed=n_head + head_dim, sink=kw.pop("sink", 4), window=8,
+                                                   sparsity=0.25, **kw)
+    b, p, W = torch.arange(B), input_pos[:, 0], cache.window
+    with torch.no_grad():
+        for row, last in stale:
+            slot = torch.arange(W)
+            cache.window_pos[row] = last - (last - cache.n_sink - slot) % W
+        nan = float("nan")
+        for name in ("k_lat_score", "k_lat_rest", "v_scale", "v_zero"):
+            if getattr(cache, name) is not None:
+                getattr(cache, name)[b, p] = nan
+        cache.v_q[b, p] = 255 if cache.bits < 16 else nan
+        sink = p < cache.n_sink
+        cache.sink_k[b[sink], p[sink]] = cache.sink_v[b[sink], p[sink]] = nan
+        slot = (p - cache.n_sink) % W
+        cache.win_k[b[~sink], slot[~sink]] = cache.win_v[b[~sink], slot[~sink]] = nan
+        D, r = cache.U.shape
+        cache.U = torch.cat([cache.U, torch.full((D, 3), nan, dtype=dtype)], 1)[:, :r]
+    padded = lambda t: torch.cat([t, torch.full_like(t, nan)], -1)[..., :head_dim]  # noqa: E731
+    k, k_rope, v = padded(k), padded(apply_rope(k, rope)), padded(v)
+    ref = copy.deepcopy(cache)
+    ref.write(b, k, k_rope, v, input_pos)
+    compress_decode(cache, k, k_rope, v, input_pos)
+    return cache, ref, k, input_pos
+
+
+def assert_compressed_equal(cache, ref, k, input_pos):
+    """Every buffer equal bit for bit, the new latents up to float32 summation order: the two float32 sums of D
+    products differ by at most 2 * D * 2^-24 * sum |products|, and their roundings to the cache dtype by 1.5 units
+    in the last place more (ulp <= eps * |value|): half for the reference's, one for the kernel's, as Triton's
+    interpreter truncates to bfloat16 where a GPU rounds to nearest."""
+    rows, p = torch.arange(len(input_pos)), input_pos[:, 0]
+    for name, out in cache.named_buffers():
+        exp = getattr(ref, name)
+        if name.startswith("k_lat"):
+            written = torch.zeros(out.shape[:2], dtype=torch.bool)
+            written[rows, p] = True
+            assert torch.equal(out[~written], exp[~written]), name
+            out, exp = out[written], exp[written]  # (B, width), rows in order
+        if out.is_floating_point():
+            assert not out.isnan().any(), f"{name}: a destination left unwritten"
+        if not name.startswith("k_lat"):
+            assert torch.equal(out, exp), name
+    lat = lambda c: torch.cat([c.k_lat_score[rows, p], c.k_lat_rest[rows, p]], -1).double()  # noqa: E731
+    terms = k.transpose(1, 2).flatten(2).double().transpose(1, 2) * ref.U.double()  # (B, D, r)
+    tol = 2 * terms.shape[1] * 2 ** -24 * terms.abs().sum(1) + 1.5 * torch.finfo(k.dtype).eps * lat(ref).abs()
+    assert ((lat(cache) - lat(ref)).abs() <= tol).all()
+    assert ((lat(ref) - terms.sum(1)).abs() <= tol).all()  # the reference itself is the GEMV
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n_head,n_kv_head,head_dim,kw", COMPRESS_CASES)
+def check_compress(n_head, n_kv_head, head_dim, kw, dtype):
+    """compress_decode leaves every buffer as SALSCache.write does, for rows before, at and past the sinks, with
+    a wrapped ring and with rings holding an earlier sequence's positions >= the new one."""
+    out = compress_step_and_reference(n_head, n_kv_head, head_dim, dtype, COMPRESS_POS, STALE.items(), **kw)
+    assert_compressed_equal(*out)
+    window_pos = out[0].window_pos  # the stale slots emptied, the older ones of row 5 kept
+    assert window_pos[4].tolist() == [-1, 13, -1, -1, -1, -1, -1, -1]
+    assert window_pos[5].tolist() == [20, -1, -1, -1, 16, 17, 18, 19]
+
+
+def check_compress_without_sinks_and_with_r_star_equal_r():
+    """No sinks and an empty k_lat_rest (their buffers have no elements and their stores are compiled out);
+    float16 with 4-bit values; then wrong shapes, a dtype other than the cache's and the oracle selector are
+    refused."""
+    from kernels.compress import compress_decode
+    out = compress_step_and_reference(4, 2, 64, torch.float16, [0, 9, 30], rank=32, score_dims=32, value_bits=4,
+                                      sink=0)
+    assert_compressed_equal(*out)
+    cache, _, k, input_pos = out
+    with pytest.raises(ValueError, match="one token per sequence"):
+        compress_decode(cache, k.expand(-1, -1, 2, -1), k.expand(-1, -1, 2, -1), k.expand(-1, -1, 2, -1),
+                        input_pos.expand(-1, 2))
+    with pytest.raises(ValueError, match="every row of the cache"):
+        compress_decode(cache, k[:2], k[:2], k[:2], input_pos[:2])
+    with pytest.raises(ValueError, match="cast them to the cache's dtype"):
+        compress_decode(cache, k, k, k.float(), input_pos)
+    oracle, _, k, v, input_pos, _ = random_cache(1, 48, 2, 2, 64, dtype=torch.float32, selector="oracle")
+    with pytest.raises(ValueError, match="oracle"):
+        compress_decode(oracle, k, k, v, input_pos)
+
+
 def test_sals_layers_share_the_models_rope_table():
     """setup_sals hands every SALS layer the model's own (cos, sin) table, not a copy; its rows are bit for bit
     the reference path's float64 angles; a table of the wrong shape is refused with a clear error."""
@@ -187,7 +294,7 @@ def test_sals_layers_share_the_models_rope_table():
         SALSCache(SALSConfig(rank=32).resolve(args, 128), args, 1, 300, torch.zeros(128, 32), rope_table(args, 200))
 
 
-N_CHILD_TESTS = 9 + len(CASES) + 3 + 2 * len(VARIANTS)
+N_CHILD_TESTS = 9 + len(CASES) + 3 + 2 * len(VARIANTS) + 3 * len(COMPRESS_CASES) + 1
 if CHILD:  # the child collects the checks as tests, and not the launcher
     assert os.environ.get("TRITON_INTERPRET") == "1"
     del test_kernels_in_triton_interpreter, test_sals_layers_share_the_models_rope_table  # parent-only tests

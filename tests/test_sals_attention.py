@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model import KVCache, ModelArgs, Transformer, load_model, rope_frequencies, rope_table
+from model import KVCache, ModelArgs, Transformer, apply_rope, load_model, rope_frequencies, rope_table
 from sals_attention import SALSCache, SALSConfig, dequantize_values, quantize_values, setup_sals
 
 
@@ -173,27 +173,39 @@ def feed_layer(cfg: SALSConfig, args: ModelArgs, lengths: list[int], n_steps: in
 
 
 def brute_selection(cfg: SALSConfig, q, pos: int, hist, U) -> set[int]:
-    """The positions SALS should select for one row, by definition, in float64 python loops."""
+    """The positions SALS should select for one row, by definition, in float64 python loops. Expected-rope
+    ranking: each key seen through the ranking's r* latent coordinates (U_r* U_r*^T k), and its post-RoPE
+    logit summed over heads averaged over every candidate position the key could hold."""
     H, G = q.shape[0], q.shape[0] // hist[0][0].shape[0]
     q_r = rope64(q, pos)
     q_lat = torch.cat([q[h * G:(h + 1) * G].sum(0) for h in range(H // G)]) @ U[:, :cfg.score_dims]
+    cands = range(cfg.sink, pos - cfg.window + 1)
+    if cfg.ranking == "expected-rope" and cfg.selector == "latent" and cands:
+        Us = U[:, :cfg.score_dims]
+        seen = torch.stack([(hist[j][0].reshape(-1) @ Us @ Us.T).view(hist[j][0].shape) for j in cands])
+        heads = torch.arange(H) // G
+        mean = sum(torch.einsum("hd,nhd->n", q_r, rope64(seen, c)[:, heads]) for c in cands) / len(cands)
 
     def score(j):
         if cfg.selector == "oracle":
             return sum(float(q_r[h] @ rope64(hist[j][0][h // G], j)) for h in range(H))
+        if cfg.ranking == "expected-rope":
+            return float(mean[j - cfg.sink])
         return float(q_lat @ (hist[j][0].reshape(-1) @ U[:, :cfg.rank])[:cfg.score_dims])
     n = math.floor(cfg.sparsity * (pos + 1)) - cfg.sink - cfg.window
-    candidates = sorted(range(cfg.sink, pos - cfg.window + 1), key=score, reverse=True)
+    candidates = sorted(cands, key=score, reverse=True)
     return set(candidates[:max(n, 0)])
 
 
-@pytest.mark.parametrize("selector", ["latent", "oracle"])
+@pytest.mark.parametrize("selector,ranking", [("latent", "pre-rope"), ("oracle", "pre-rope"),
+                                              ("latent", "expected-rope")])
 @pytest.mark.parametrize("heads", [(6, 2), (3, 3)])  # GQA with G = 3, and MHA
-def test_selection_equals_brute_force(selector, heads):
+def test_selection_equals_brute_force(selector, ranking, heads):
     args = layer_args(*heads)
     D = heads[1] * 8
     U = orthonormal(D, torch.Generator().manual_seed(3))
-    cfg = SALSConfig(rank=D - 5, score_dims=4, value_bits=16, sparsity=0.3, sink=3, window=5, selector=selector)
+    cfg = SALSConfig(rank=D - 5, score_dims=4, value_bits=16, sparsity=0.3, sink=3, window=5, selector=selector,
+                     ranking=ranking)
     rcfg = cfg.resolve(args, D)
     checked = []
 
@@ -227,12 +239,84 @@ def test_group_summed_latent_query_is_exact_at_full_rank(heads):
     U = orthonormal(D, torch.Generator().manual_seed(4))
 
     def on_step(cache, q, y, pos, hist):
-        s = cache.scores(q, None, None)
+        s = cache.scores(q, None, pos, None)
         for i in range(len(pos)):
             for j in range(int(pos[i]) + 1):
                 ref = sum(float(q[i, h, 0] @ hist[i][j][0][h // G]) for h in range(heads[0]))
                 assert abs(float(s[i, j]) - ref) < 1e-9 * (1 + abs(ref))
     feed_layer(SALSConfig(rank=D, score_dims=D, value_bits=16, sink=2, window=3), args, [5, 11], 4, U, on_step)
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (3, 3)])
+def test_expected_rope_query_is_the_mean_post_rope_logit(heads):
+    """Step 2 with ranking "expected-rope", r* = r = D: q_lat . k_lat_j is the true post-RoPE logit of every
+    query head against key j, summed over heads and averaged over every candidate position sink..pos - window
+    the key could hold (model.apply_rope, token by token). It is neither the pre-RoPE score nor the mean with
+    the rotation's sign flipped (the key placed at pos + d instead of pos - d), which this test tells apart."""
+    args = layer_args(*heads)
+    D, G, H, Hkv = heads[1] * 8, heads[0] // heads[1], heads[0], heads[1]
+    U = orthonormal(D, torch.Generator().manual_seed(4))
+    table = rope_table(args, 64)  # the model's own (cos, sin) table
+    gaps = {"pre-rope": [], "flipped": []}
+    checked = []
+
+    def mean_logit(q_i, k_j, p, positions):  # q_i (H, Dh) at p; k_j (Hkv, Dh) at each of positions
+        q_rot = apply_rope(q_i[None, :, None], table[p][None, None])[0, :, 0]  # (H, Dh)
+        n = len(positions)
+        k_rot = apply_rope(k_j[None, :, None].expand(1, Hkv, n, -1), table[positions][None])[0]  # (Hkv, n, Dh)
+        return torch.einsum("hd,hnd->n", q_rot, k_rot[torch.arange(H) // G]).double().mean().item()
+
+    def on_step(cache, q, y, pos, hist):
+        s = cache.scores(q, None, pos, None)
+        for i in range(len(pos)):
+            p = int(pos[i])
+            cands = list(range(2, p - 3 + 1))  # sink 2, window 3
+            if not cands:
+                continue
+            for j in range(p + 1):
+                k_j = hist[i][j][0]
+                ref = mean_logit(q[i, :, 0], k_j, p, cands)
+                assert abs(float(s[i, j]) - ref) < 1e-5 * (1 + abs(ref)), (p, j, float(s[i, j]), ref)
+                pre = sum(float(q[i, h, 0] @ k_j[h // G]) for h in range(H))
+                gaps["pre-rope"].append(abs(pre - ref))
+                gaps["flipped"].append(abs(mean_logit(q[i, :, 0], k_j, p, [2 * p - c for c in cands]) - ref))
+            checked.append(p)
+    cfg = SALSConfig(rank=D, score_dims=D, value_bits=16, sink=2, window=3, ranking="expected-rope")
+    feed_layer(cfg, args, [5, 11], 8, U, on_step)
+    assert len(checked) == 16 and min(checked) == 5  # 5 - 3 >= 2: every step has candidates
+    assert max(gaps["pre-rope"]) > 1 and max(gaps["flipped"]) > 1, {k: max(v) for k, v in gaps.items()}
+
+
+def test_expected_rope_ranks_real_attention_better_than_pre_rope(smollm2_dir, shared_data, quick_calib):
+    """On real text, in middle layers of SmolLM2, the expected-rope latent top-k keeps more of the true attention
+    mass (calibrate.overlap_score, relative to the exact top-k at the same budget) than the pre-RoPE one."""
+    from calibrate import load_calibration, overlap_score
+    from tokenizer import load_tokenizer
+    model = load_model(smollm2_dir, dtype=torch.float32)
+    calib = load_calibration(quick_calib, model)
+    text = (shared_data / "pride_and_prejudice.txt").read_text()[260000:280000]  # held out from calibration
+    ids = torch.tensor(load_tokenizer(smollm2_dir).encode(text)[:1024])
+    seen = {}
+
+    class Capture(torch.nn.Module):  # a dense cache that keeps the pre-RoPE q, k of its layer
+        def __init__(self, i, cache):
+            super().__init__()
+            self.i, self.cache = i, cache
+
+        def forward(self, q, k, v, input_pos, rope, rows=None):
+            seen[self.i] = (q[0], k[0], rope[0])
+            return self.cache(q, k, v, input_pos, rope, rows)
+    model.setup_caches(1, len(ids), lambda i, a, B, S, dt: Capture(i, KVCache(B, S, a.n_kv_head, a.head_dim, dt)))
+    with torch.no_grad():
+        model(ids[None], torch.arange(len(ids))[None])
+    cfg = SALSConfig.preset(0.25).resolve(model.args, calib["eigvecs"][0].shape[1])
+    inv_freq = rope_frequencies(model.args)
+    for layer in (5, 8):
+        q, k, rope = seen[layer]
+        basis = calib["eigvecs"][layer][:, :cfg.score_dims].float()
+        pre = overlap_score(q, k, rope, basis)
+        expected = overlap_score(q, k, rope, basis, ranking="expected-rope", inv_freq=inv_freq)
+        assert expected > pre + 0.05 and expected > 0.8, (layer, pre, expected)
 
 
 def test_selected_keys_are_rotated_at_their_original_positions():
@@ -333,7 +417,7 @@ def test_setup_sals_layer_types_and_bases():
     (dict(sparsity=0), "sparsity"), (dict(sparsity=1.01), "sparsity"),
     (dict(sink=-1), "sink >= 0"), (dict(window=0), "window >= 1"),
     (dict(dense_layers=(0, 4)), "dense_layers"), (dict(dense_layers=(-1,)), "dense_layers"),
-    (dict(selector="random"), "selector"),
+    (dict(selector="random"), "selector"), (dict(ranking="post-rope"), "ranking 'post-rope'"),
 ])
 def test_invalid_configs(kw, match):
     args = small_args(n_head=4, n_kv_head=2, head_dim=8)  # D = 16, 4 layers

@@ -1,0 +1,245 @@
+"""SALS step 1 as one Triton kernel: compress and store the new token of every sequence (SALSCache.write, T = 1).
+
+One launch does all of it. Programs [0, n_lat) compute the latent keys, a GEMV per sequence:
+k_lat[b] = (pre-RoPE k of all KV heads concatenated, width D) @ U (D, r); each program owns a block of latent
+columns for a block of (up to 64) sequences, a tensor-core dot with the sequences padded to 16 rows, so U is
+read once per step (per 64 sequences). Each of the B programs after them stores one sequence's value and
+full-precision copies: the value quantized exactly as sals_attention.quantize_values (or copied, 16-bit),
+the post-RoPE key and the value into the window ring slot (pos - sink) % window when pos >= sink (or the sink
+slot pos when pos < sink), and the ring's positions, where slots holding positions >= pos (an earlier, longer
+sequence of the row) are emptied first.
+
+Bit for bit SALSCache.write: the quantized codes, scales, zeros and every copy are identical; the latents
+agree up to the float32 summation order of the GEMV (within one unit in the last place of the cache dtype
+where the two float32 sums straddle a rounding boundary). Positions outside 0..S-1 write nothing (the
+reference raises an indexing error; a kernel cannot without a host sync).
+
+    python kernels/compress.py          # micro-benchmark on a GPU (Llama-2-7B / Mistral-7B, SALS-12.5%)
+"""
+import sys
+from pathlib import Path
+from typing import Optional  # torch.library's schema inference reads typing.Optional in older torch
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sals_attention import GROUP, scale_dtype  # noqa: E402
+
+# Launch settings: latent columns and key channels per GEMV tile, channels per step of a sequence's value program
+# (a power of two >= GROUP). Not yet timed on a GPU (python kernels/compress.py times a few); block_c 16 gives r / 16
+# GEMV programs (32 for Llama-2-7B SALS-12.5%, 8 for Mistral-7B). Offline sm_90 compile (ptxas -v, triton 3.6):
+# 196 registers at 4 warps, 128 at block_c 32, block_d 128, 8 warps, no spills.
+CONFIG = dict(block_c=16, block_d=256, chunk=1024, num_warps=4, num_stages=3)
+INTERPRETER_CONFIG = dict(block_c=16, block_d=32, chunk=64, num_warps=1, num_stages=1)
+MAX_BLOCK_B = 64  # sequences per GEMV program; more sequences take more programs (and read U again)
+
+
+@triton.jit
+def _round_toward(x, SDT: tl.constexpr, UP: tl.constexpr):
+    """float32 x in the 16-bit float type SDT, rounded toward +inf (UP) or -inf: sals_attention._round_toward.
+    Any conversion that lands on one of x's two 16-bit neighbours will do (round to nearest on a GPU; Triton's
+    interpreter truncates bfloat16): a result on the wrong side of x moves one unit toward the direction, on the
+    bits (+1 on a bit pattern moves away from zero in either sign; from zero, to the smallest subnormal)."""
+    y = x.to(SDT)
+    yf = y.to(tl.float32)
+    bits = y.to(tl.int16, bitcast=True).to(tl.int32)
+    if UP:
+        off = yf < x
+        step = tl.where(yf == 0, 1, tl.where(yf > 0, bits + 1, bits - 1))  # from zero: 0x0001
+    else:
+        off = yf > x
+        step = tl.where(yf == 0, -32767, tl.where(yf > 0, bits - 1, bits + 1))  # from zero: 0x8001
+    return tl.where(off, step.to(tl.int16).to(SDT, bitcast=True), y)
+
+
+@triton.jit
+def _latent_block(k_ptr, pos_ptr, u_ptr, kls_ptr, klr_ptr, blk, B, S, stride_kb, stride_kh, stride_ud, stride_ur,
+                  HD: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RS: tl.constexpr, N_C: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """Latent columns c of sequences bb: (k (BLOCK_B, D) @ U[:, c]) into k_lat_score / k_lat_rest at each pos."""
+    c = (blk % N_C) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) latent columns
+    bb = (blk // N_C) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,) sequences, padded
+    acc = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)  # channel d of the concatenation is channel d % HD of KV head d // HD
+        x = tl.load(k_ptr + bb[:, None] * stride_kb + (d // HD)[None, :] * stride_kh + (d % HD)[None, :],
+                    mask=(bb[:, None] < B) & (d[None, :] < D), other=0.0)
+        u = tl.load(u_ptr + d[:, None] * stride_ud + c[None, :] * stride_ur,
+                    mask=(d[:, None] < D) & (c[None, :] < R), other=0.0)
+        # float32 operands: the interpreter multiplies bfloat16 as raw integers; 16-bit values are exact in
+        # tf32, so the tensor cores still form exact products and accumulate in float32
+        acc = tl.dot(x.to(tl.float32), u.to(tl.float32), acc, input_precision=PREC)
+    pos = tl.load(pos_ptr + bb, mask=bb < B, other=-1).to(tl.int64)
+    row = (bb * S + pos)[:, None]  # (BLOCK_B, 1) token rows of the (B, S, ...) buffers
+    live = ((bb < B) & (pos >= 0) & (pos < S))[:, None]
+    out = acc.to(kls_ptr.dtype.element_ty)
+    tl.store(kls_ptr + row * RS + c[None, :], out, mask=live & (c[None, :] < RS))
+    if RS < R:
+        tl.store(klr_ptr + row * (R - RS) + (c[None, :] - RS), out, mask=live & (c[None, :] >= RS) & (c[None, :] < R))
+
+
+@triton.jit
+def _row(kr_ptr, v_ptr, pos_ptr, vq_ptr, vs_ptr, vz_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr, win_pos_ptr,
+         b, S, stride_rb, stride_rh, stride_vb, stride_vh, HD: tl.constexpr, CH: tl.constexpr, CHUNK: tl.constexpr,
+         N_SINK: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, BITS: tl.constexpr, TINY: tl.constexpr,
+         GROUP: tl.constexpr):
+    """Sequence b: its value (quantized or copied) at pos, the full-precision copies and the ring's positions."""
+    pos = tl.load(pos_ptr + b).to(tl.int64)
+    live = (pos >= 0) & (pos < S)
+    row = b * S + pos  # int64: B * S * Hkv * Dh can pass 2^31
+    in_sink = live & (pos < N_SINK)
+    in_win = live & (pos >= N_SINK)
+    slot = (pos - N_SINK) % W  # only used when pos >= N_SINK (Triton's % truncates like C)
+    for c0 in range(0, CH, CHUNK):  # CHUNK channels of the Hkv heads at a time, whole groups
+        ch = c0 + tl.arange(0, CHUNK)  # channel ch % HD of head ch // HD
+        chm = ch < CH
+        kr = tl.load(kr_ptr + b * stride_rb + (ch // HD) * stride_rh + ch % HD, mask=chm)
+        v = tl.load(v_ptr + b * stride_vb + (ch // HD) * stride_vh + ch % HD, mask=chm)
+        if BITS == 16:
+            tl.store(vq_ptr + row * CH + ch, v, mask=live & chm)
+        else:  # quantize_values: groups of GROUP channels, zero rounded down and scale up to 16 bits, then the codes
+            LEVELS: tl.constexpr = 2 ** BITS - 1
+            PER: tl.constexpr = 8 // BITS  # codes per byte
+            SDT: tl.constexpr = vs_ptr.dtype.element_ty
+            g = tl.reshape(v.to(tl.float32), [CHUNK // GROUP, GROUP])  # padded groups are zeros, never stored
+            zero = _round_toward(tl.min(g, 1), SDT, False)
+            span = tl.math.div_rn(tl.max(g, 1) - zero.to(tl.float32), tl.full([CHUNK // GROUP], LEVELS, tl.float32))
+            scale = _round_toward(tl.maximum(span, TINY), SDT, True)
+            q = tl.math.div_rn(g - zero.to(tl.float32)[:, None], scale.to(tl.float32)[:, None])  # >= 0
+            q = (q + 8388608.0) - 8388608.0  # round half to even, as torch.round: 2^23 has no fractional bits
+            q = tl.minimum(q, LEVELS).to(tl.int32)
+            q = tl.reshape(q, [CHUNK // PER, PER]) << (tl.arange(0, PER) * BITS)[None, :]  # code i at bit BITS*i
+            byte = c0 // PER + tl.arange(0, CHUNK // PER)
+            tl.store(vq_ptr + row * (CH // PER) + byte, tl.sum(q, 1).to(tl.uint8), mask=live & (byte < CH // PER))
+            grp = c0 // GROUP + tl.arange(0, CHUNK // GROUP)
+            tl.store(vs_ptr + row * (CH // GROUP) + grp, scale, mask=live & (grp < CH // GROUP))
+            tl.store(vz_ptr + row * (CH // GROUP) + grp, zero, mask=live & (grp < CH // GROUP))
+        if N_SINK > 0:
+            tl.store(sink_k_ptr + (b * N_SINK + pos) * CH + ch, kr, mask=in_sink & chm)
+            tl.store(sink_v_ptr + (b * N_SINK + pos) * CH + ch, v, mask=in_sink & chm)
+        tl.store(win_k_ptr + (b * W + slot) * CH + ch, kr, mask=in_win & chm)
+        tl.store(win_v_ptr + (b * W + slot) * CH + ch, v, mask=in_win & chm)
+    j = tl.arange(0, W_P)
+    wp = tl.load(win_pos_ptr + b * W + j, mask=j < W, other=-1)
+    wp = tl.where(wp >= pos, -1, wp)  # slots of an earlier sequence of this row
+    wp = tl.where((j == slot) & in_win, pos, wp)
+    tl.store(win_pos_ptr + b * W + j, wp.to(tl.int32), mask=live & (j < W))
+
+
+@triton.jit
+def _compress_kernel(
+        k_ptr, kr_ptr, v_ptr, pos_ptr, u_ptr, kls_ptr, klr_ptr, vq_ptr, vs_ptr, vz_ptr,
+        sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr, win_pos_ptr,
+        B, S, stride_kb, stride_kh, stride_rb, stride_rh, stride_vb, stride_vh, stride_ud, stride_ur,
+        HD: tl.constexpr, HKV: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, RS: tl.constexpr,
+        N_SINK: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, BITS: tl.constexpr, TINY: tl.constexpr,
+        GROUP: tl.constexpr, N_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    n_lat = N_C * tl.cdiv(B, BLOCK_B)
+    if pid < n_lat:
+        _latent_block(k_ptr, pos_ptr, u_ptr, kls_ptr, klr_ptr, pid, B, S, stride_kb, stride_kh, stride_ud, stride_ur,
+                      HD, HKV * HD, R, RS, N_C, BLOCK_B, BLOCK_C, BLOCK_D, PREC)
+    else:
+        _row(kr_ptr, v_ptr, pos_ptr, vq_ptr, vs_ptr, vz_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr,
+             win_pos_ptr, pid - n_lat, S, stride_rb, stride_rh, stride_vb, stride_vh, HD, HKV * HD, CHUNK,
+             N_SINK, W, W_P, BITS, TINY, GROUP)
+
+
+@torch.library.triton_op("sals::compress_step", mutates_args=(
+    "k_lat_score", "k_lat_rest", "v_q", "v_scale", "v_zero", "sink_k", "sink_v", "win_k", "win_v", "window_pos"))
+def compress_step(k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor, U: Tensor, k_lat_score: Tensor,
+                  k_lat_rest: Tensor, v_q: Tensor, v_scale: Optional[Tensor], v_zero: Optional[Tensor],
+                  sink_k: Tensor, sink_v: Tensor, win_k: Tensor, win_v: Tensor, window_pos: Tensor,
+                  bits: int) -> None:
+    """Stores the new token (position input_pos (B, 1)) of every sequence into a SALS cache's buffers, in place.
+    k (B, Hkv, 1, Dh) pre-RoPE, k_rope, v (B, Hkv, 1, Dh) (any strides with contiguous channels); U (D, r) any
+    strides; the buffers as SALSCache allocates them (contiguous): k_lat_score (B, S, r*), k_lat_rest
+    (B, S, r - r*), v_q (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero (B, S, Hkv, Dh/32), or v_q
+    (B, S, Hkv, Dh) when bits == 16 (v_scale, v_zero None); sink_k/v (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh),
+    window_pos (B, W) int32."""
+    launch_compress(k, k_rope, v, input_pos, U, k_lat_score, k_lat_rest, v_q, v_scale, v_zero, sink_k, sink_v,
+                    win_k, win_v, window_pos, bits)
+
+
+def launch_compress(k, k_rope, v, input_pos, U, k_lat_score, k_lat_rest, v_q, v_scale, v_zero, sink_k, sink_v,
+                    win_k, win_v, window_pos, bits: int, cfg: dict | None = None):
+    """The kernel (compress_step's arguments); cfg: launch settings as CONFIG (default: CONFIG on CUDA, else
+    INTERPRETER_CONFIG)."""
+    B, Hkv, _, HD = k.shape
+    S, RS, R, W = k_lat_score.shape[1], k_lat_score.shape[2], U.shape[1], win_k.shape[1]
+    cfg = cfg or (CONFIG if k.is_cuda else INTERPRETER_CONFIG)
+    for t in (k, k_rope, v):
+        assert t.stride(3) == 1, "k, k_rope and v need contiguous channels"
+    for t in (k_lat_score, k_lat_rest, v_q, v_scale, v_zero, sink_k, sink_v, win_k, win_v, window_pos):
+        assert t is None or t.is_contiguous(), "the cache buffers must be contiguous"
+    BLOCK_B = min(MAX_BLOCK_B, max(16, triton.next_power_of_2(B)))
+    N_C = triton.cdiv(R, cfg["block_c"])
+    # empty buffers (no sinks, r* = r) go in as None (their stores are compiled out), as do the scale and zero of
+    # 16-bit values: a stand-in pointer to another buffer would pass one tensor twice to a kernel that writes it
+    klr = k_lat_rest if k_lat_rest.numel() else None
+    sk, sv = (sink_k, sink_v) if sink_k.numel() else (None, None)
+    torch.library.wrap_triton(_compress_kernel)[(N_C * triton.cdiv(B, BLOCK_B) + B,)](
+        k, k_rope, v, input_pos.reshape(B), U, k_lat_score, klr, v_q, v_scale, v_zero, sk, sv, win_k, win_v, window_pos,
+        B, S, k.stride(0), k.stride(1), k_rope.stride(0), k_rope.stride(1), v.stride(0), v.stride(1),
+        U.stride(0), U.stride(1),
+        HD=HD, HKV=Hkv, CHUNK=min(cfg["chunk"], triton.next_power_of_2(Hkv * HD)), R=R, RS=RS,
+        N_SINK=sink_k.shape[1], W=W, W_P=triton.next_power_of_2(W), BITS=bits,
+        TINY=torch.finfo(scale_dtype(k.dtype)).tiny, GROUP=GROUP, N_C=N_C, BLOCK_B=BLOCK_B, BLOCK_C=cfg["block_c"],
+        BLOCK_D=cfg["block_d"],
+        PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def compress_decode(cache, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor):
+    """SALSCache.write(all rows, k, k_rope, v, input_pos) for one token per sequence, in one kernel: k, k_rope, v
+    (B, Hkv, 1, Dh), k pre-RoPE and k_rope post-RoPE; input_pos (B, 1). Mutates the cache's buffers."""
+    B, Hkv, T, HD = k.shape
+    if T != 1 or tuple(input_pos.shape) != (B, 1) or k_rope.shape != k.shape or v.shape != k.shape:
+        raise ValueError(f"compress_decode stores one token per sequence: k, k_rope, v (B, Hkv, 1, Dh) and "
+                         f"input_pos (B, 1), got {tuple(k.shape)}, {tuple(k_rope.shape)}, {tuple(v.shape)} and "
+                         f"{tuple(input_pos.shape)}; use SALSCache.write for chunks.")
+    if B != cache.k_lat_score.shape[0] or (Hkv, HD) != (cache.n_kv_head, cache.head_dim):
+        raise ValueError(f"k has {B} rows of {Hkv} heads x {HD}, the cache {cache.k_lat_score.shape[0]} rows of "
+                         f"{cache.n_kv_head} x {cache.head_dim}; compress_decode writes every row of the cache.")
+    if not k.dtype == k_rope.dtype == v.dtype == cache.U.dtype:
+        raise ValueError(f"k, k_rope and v are {k.dtype}, {k_rope.dtype}, {v.dtype}; the cache holds {cache.U.dtype}: "
+                         f"cast them to the cache's dtype.")
+    if cache.oracle:
+        raise ValueError("compress_decode does not store the oracle selector's full keys; use SALSCache.write.")
+    compress_step(k, k_rope, v, input_pos, cache.U, cache.k_lat_score, cache.k_lat_rest, cache.v_q, cache.v_scale,
+                  cache.v_zero, cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits)
+
+
+if __name__ == "__main__":
+    import copy
+    from bench.attention_bench import graph_us, random_cache
+    from model import apply_rope
+    sweep = [dict(block_c=c, block_d=d, chunk=1024, num_warps=w, num_stages=3)
+             for c in (16, 32) for d in (128, 256) for w in (4, 8)]
+    for name, Hkv in [("Llama-2-7B", 32), ("Mistral-7B", 8)]:
+        for B in (1, 8, 16):
+            cache, _, k, v, pos, rope = random_cache(B, 4096, 32, Hkv, 128, fraction=0.125, device="cuda", seed=B)
+            k_rope, b = apply_rope(k, rope), torch.arange(B, device="cuda")
+            ref = copy.deepcopy(cache)
+            ref.write(b, k, k_rope, v, pos)
+            compress_decode(cache, k, k_rope, v, pos)
+            differ = [n for n, t in cache.named_buffers()
+                      if not n.startswith("k_lat") and not torch.equal(t, ref.get_buffer(n))]
+            lat = lambda c: torch.cat([c.k_lat_score[b, pos[:, 0]], c.k_lat_rest[b, pos[:, 0]]], -1).float()  # noqa
+            rel = (lat(cache) - lat(ref)).abs() / lat(ref).abs()  # one bfloat16 ulp is 2^-8 to 2^-7 relative
+            buffers = (cache.U, cache.k_lat_score, cache.k_lat_rest, cache.v_q, cache.v_scale, cache.v_zero,
+                       cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits)
+            with torch.no_grad():
+                t_kernel = graph_us(lambda: compress_decode(cache, k, k_rope, v, pos))
+                t_eager = graph_us(lambda: ref.write(b, k, k_rope, v, pos))
+                t_compiled = graph_us(torch.compile(lambda: ref.write(b, k, k_rope, v, pos), fullgraph=True))
+                t_sweep = [graph_us(lambda: launch_compress(k, k_rope, v, pos, *buffers, cfg)) for cfg in sweep]
+            best = min(range(len(sweep)), key=t_sweep.__getitem__)
+            print(f"{name} SALS-12.5% (D={Hkv * 128}, r={cache.U.shape[1]}) B={B}: kernel {t_kernel:.1f} us (U read at "
+                  f"{cache.U.numel() * 2 / t_kernel / 1e6:.2f} TB/s), cache.write eager {t_eager:.1f} us, compiled "
+                  f"{t_compiled:.1f} us (all in CUDA graphs); buffers differing: {differ or 'none'}; latents: max "
+                  f"rel diff {rel.max():.1e} ({(rel > 0).float().mean():.1%} differ); fastest launch setting "
+                  f"{sweep[best]}: {t_sweep[best]:.1f} us")

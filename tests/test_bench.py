@@ -1,0 +1,142 @@
+"""bench/decode_bench.py on the CPU: the command line and its table, the synthetic SALS prefill, and the
+largest-batch search."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import decode_bench as db  # noqa: E402
+from sals_attention import SALSCache  # noqa: E402
+
+SINK, WINDOW, SPARSITY = 16, 64, 1 / 8  # the SALS presets' settings (SALS.md), restated as the reference
+
+
+def run_bench(*flags) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny tensors: threads on a shared CPU only contend
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "decode_bench.py"), "--device", "cpu",
+                           "--dtype", "float32", *flags], capture_output=True, text=True, timeout=120, env=env)
+
+
+def table(r: subprocess.CompletedProcess) -> list[list[str]]:
+    """The cells of the final markdown table's rows."""
+    assert r.returncode == 0, f"exit status {r.returncode}: {r.stderr[-3000:]}"
+    lines = r.stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("| ---"))
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in lines[start + 1:] if line.startswith("| ")]
+
+
+def test_decode_bench_smoke():
+    rows = table(run_bench("--shape", "tiny", "--prompt", "32", "--batch", "2", "--steps", "4"))
+    assert [row[:4] for row in rows] == [["tiny", "32", "dense", "2"]]
+    assert float(rows[0][4]) > 0  # ms / step
+
+
+def dense_bytes(B: int, S: int, L: int = 5, Hkv: int = 2, Dh: int = 32, size: int = 4) -> int:
+    return 2 * L * B * Hkv * S * Dh * size
+
+
+def sals_bytes(B: int, S: int, rank: int, bits: int, Hkv: int = 2, Dh: int = 32) -> int:
+    """Every buffer of the tiny shape's caches (float32): 3 dense layers and 2 SALS layers, from SALS.md's layout."""
+    per_layer = (Hkv * Dh * rank * 4 + Dh // 2 * 8  # U, RoPE frequencies (float64)
+                 + B * S * (rank * 4 + Hkv * Dh * bits // 8 + 2 * Hkv * Dh // 32 * 2)  # latents, values, scale+zero
+                 + 2 * B * (SINK + WINDOW) * Hkv * Dh * 4 + B * WINDOW * 4)  # sinks and window (K, V), window_pos
+    return dense_bytes(B, S, L=3) + 2 * per_layer
+
+
+def test_methods_table():
+    """One row per method and prompt, positive timings, the speed-up and tokens/s columns consistent with the step
+    times, and the KV-cache column counting every buffer of the caches allocated (prompt + steps long)."""
+    rows = table(run_bench("--shape", "tiny", "--method", "dense", "sals-25", "sals-12.5", "--prompt", "300", "1024",
+                           "--batch", "2", "--steps", "4", "--graph"))
+    methods = ("dense", "sals-25", "sals-12.5")
+    assert [row[1:4] for row in rows] == [[p, m, "2"] for p in ("300", "1024") for m in methods]
+    for prompt in (300, 1024):
+        dense, *sals = [row for row in rows if row[1] == str(prompt)]
+        expected = [dense_bytes(2, prompt + 4), sals_bytes(2, prompt + 4, 16, 4), sals_bytes(2, prompt + 4, 8, 2)]
+        d = float(dense[4])
+        for row, kv in zip([dense, *sals], expected):
+            ms, e = float(row[4]), 0.005  # printed with two decimals
+            assert ms > 0 and 2e3 / (ms + e) - 0.05 <= float(row[5]) <= 2e3 / (ms - e) + 0.05  # tokens/s
+            assert (d - e) / (ms + e) - e <= float(row[6].rstrip("x")) <= (d + e) / (ms - e) + e  # speed-up
+            assert float(row[8].removesuffix(" GB")) == pytest.approx(kv / 1e9, rel=1e-2)
+
+
+def test_max_batch_table():
+    """--max_batch on the CPU (nothing runs out of memory) stops at the limit and times that batch."""
+    rows = table(run_bench("--shape", "tiny", "--method", "sals-12.5", "dense", "--prompt", "200", "--max_batch",
+                           "--max_batch_limit", "3", "--steps", "2"))
+    assert [row[2:4] for row in rows] == [["dense", "3 (largest)"], ["sals-12.5", "3 (largest)"]]
+    assert all(float(row[4]) > 0 for row in rows)
+    assert rows[0][7] == "1.00x (dense: batch 3)"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--max_batch", "--batch", "4"], ["leave out --batch"]),
+    (["--steps", "0"], ["--steps must be at least 1"]),
+    (["--method", "sals-50"], ["--method", "invalid choice"]),
+])
+def test_bad_flags(flags, words):
+    r = run_bench(*flags)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
+@pytest.mark.parametrize("method", ["sals-25", "sals-12.5"])
+def test_synthetic_prefill_attends_the_whole_budget(method):
+    torch.manual_seed(0)
+    B, P = 3, 1001
+    model = db.random_model("tiny", "cpu", torch.float32)
+    db.cache_setup(model, method)(B, P + 4)
+    db.fill_caches(model, P)
+    caches = [layer.attention.kv_cache for layer in model.layers]
+    sals = [c for c in caches if isinstance(c, SALSCache)]
+    assert len(sals) == 2
+    for c in caches:  # every buffer written (U, the frequencies and window_pos checked below)
+        for name, t in c.named_buffers():
+            if name not in ("U", "inv_freq", "window_pos"):
+                assert (t != 0).float().mean() > 0.9, name
+    for c in sals:
+        assert torch.allclose(c.U.double().T @ c.U.double(), torch.eye(c.U.shape[1], dtype=torch.float64), atol=1e-5)
+        assert (c.v_scale > 0).all() and (c.v_zero > 0).all()
+        ring = [-1] * WINDOW
+        for p in range(P - WINDOW, P):  # positions P-W..P-1, each in its slot (SALSCache.write's rule)
+            ring[(p - SINK) % WINDOW] = p
+        assert c.window_pos.tolist() == [ring] * B
+
+    kept = []
+    for c in sals:
+        select = c.select
+        c.select = lambda *a, select=select: kept.append(select(*a)) or kept[-1]
+    with torch.no_grad():
+        logits = model(torch.randint(0, 1000, (B, 1)), torch.full((B, 1), P))
+    assert torch.isfinite(logits).all()
+    budget = math.floor(SPARSITY * (P + 1)) - SINK - WINDOW
+    assert len(kept) == 2 and budget > 0
+    for idx, keep in kept:
+        assert keep.sum(-1).tolist() == [budget] * B
+        assert ((idx[keep] >= SINK) & (idx[keep] <= P - WINDOW)).all()  # compressed tokens only
+    for c in sals:  # after the step the window holds P-W+1..P: sinks + window + budget all attended
+        assert sorted(c.window_pos[0].tolist()) == list(range(P - WINDOW + 1, P + 1))
+
+
+@pytest.mark.parametrize("limit", [1, 2, 7, 16, 70])
+def test_largest_batch_matches_brute_force(limit):
+    for threshold in range(limit + 3):  # fits(b) iff b <= threshold; 0: nothing fits
+        expected = max([b for b in range(1, limit + 1) if b <= threshold], default=0)
+        for guess in range(0, limit + 3):  # out-of-range guesses are clamped to 1..limit
+            calls = []
+
+            def fits(b):
+                calls.append(b)
+                return b <= threshold
+            assert db.largest_batch(fits, limit, guess) == expected, (threshold, guess)
+            assert all(1 <= b <= limit for b in calls) and len(set(calls)) == len(calls), calls
+            distance = abs(expected - min(max(guess, 1), limit))
+            assert len(calls) <= 2 * math.floor(math.log2(distance + 1)) + 2, (threshold, guess, calls)
+        assert db.largest_batch(lambda b: b <= threshold, limit) == expected  # default: doubling from 1

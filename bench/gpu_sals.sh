@@ -21,6 +21,7 @@ if [ -n "${MICRO:-}" ]; then
   echo "== micro-benchmarks of each kernel"
   timeout 45 python kernels/latent_score.py 2>&1 | tee "$OUT/kernels.log"
   timeout 45 python kernels/sals_decode.py 2>&1 | tee -a "$OUT/kernels.log"
+  timeout 90 python kernels/compress.py 2>&1 | tee -a "$OUT/kernels.log"
 fi
 
 echo "== one layer: SALS step (torch.compile'd, CUDA graph) vs SDPA flash"

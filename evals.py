@@ -11,6 +11,7 @@ Methods (the non-dense ones share sparsity, sinks and dense layers, so they atte
   sals-25     SALSConfig.preset(0.25): latent rank D/4, 4-bit values
   sals-12.5   SALSConfig.preset(0.125): latent rank D/8, 2-bit values
   oracle      exact top-k by the true post-RoPE logits, full-rank keys, 16-bit values (SALS's ceiling)
+  oracle-head the same, but each KV head its own top-k (the ceiling of per-head selection, which SALS is not)
   streaming   StreamingLLM: the sinks plus a recent window filling the whole budget, nothing selected
 
 Every method runs in the same model pass: each layer's cache is a MethodCaches holding one cache per
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from generate import prefill
-from model import DTYPES, Transformer, default_dtype
+from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype
 from sals_attention import RANKINGS, SALSConfig, setup_sals
 
 ROOT = Path(__file__).resolve().parent
@@ -48,7 +49,7 @@ PRIDE = SHARED_DATA / "pride_and_prejudice.txt"
 PG_ESSAYS = SHARED_DATA / "pg_essays"
 # calibrate.py's docstring: data/calibration.txt ends before this character; the rest is held out.
 PRIDE_HELD_OUT, PRIDE_HELD_OUT_START = 250107, "“Oh, yes! of that kind of love"
-METHODS = ("dense", "sals-25", "sals-12.5", "oracle", "streaming")
+METHODS = ("dense", "sals-25", "sals-12.5", "oracle", "oracle-head", "streaming")
 PRESETS = {"sals-25": 0.25, "sals-12.5": 0.125}
 SHARED_FIELDS = ("sparsity", "sink", "window", "dense_layers")  # the overrides every non-dense method takes
 
@@ -66,7 +67,7 @@ def method_config(name: str, context: int, overrides: dict | None = None) -> SAL
         return None
     if name in PRESETS:
         return SALSConfig.preset(PRESETS[name], **o)
-    if name == "oracle":
+    if name in ("oracle", "oracle-head"):  # oracle-head: HeadTopKCache reads only the shared fields
         return SALSConfig(rank_fraction=1.0, value_bits=16, selector="oracle", **shared)
     if name == "streaming":
         base = SALSConfig(rank_fraction=1.0, value_bits=16, **shared)
@@ -107,6 +108,41 @@ class MethodCaches(nn.Module):
         return y
 
 
+class HeadTopKCache(nn.Module):
+    """Method "oracle-head" (evaluation only): a dense, full-precision cache whose decode steps attend the budget
+    of SALS (the sinks, the recent window and floor(sparsity * (pos+1)) - sink - window more tokens), but with
+    the top tokens chosen by each KV head for itself, by its exact post-RoPE logits summed over its G query
+    heads. SALS (and "oracle") choose one set per layer; this measures what per-head selection could gain."""
+
+    def __init__(self, cfg: SALSConfig, batch_size: int, max_seq_length: int, n_kv_head: int, head_dim: int,
+                 dtype):
+        super().__init__()
+        self.cache, self.cfg = KVCache(batch_size, max_seq_length, n_kv_head, head_dim, dtype), cfg
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor,
+                rows: Tensor | None = None) -> Tensor:
+        y = self.cache(q, k, v, input_pos, rope, rows)  # stores the tokens; prefill stays dense
+        if q.shape[2] > 1:
+            return y
+        c = self.cfg
+        kc, vc = (self.cache.k_cache, self.cache.v_cache) if rows is None else \
+            (self.cache.k_cache[rows], self.cache.v_cache[rows])  # (b, Hkv, S, Dh), post-RoPE
+        b, H, _, Dh = q.shape
+        Hkv, S = kc.shape[1], kc.shape[2]
+        q_rope = apply_rope(q, rope)[:, :, 0].unflatten(1, (Hkv, H // Hkv))  # (b, Hkv, G, Dh)
+        logits = torch.einsum("bhgd,bhsd->bhs", q_rope.float(), kc.float())  # (b, Hkv, S) summed over G
+        j = torch.arange(S, device=q.device)
+        cand = (j >= c.sink) & (j <= input_pos - c.window)  # (b, S)
+        n_b = torch.floor((input_pos + 1).double() * c.sparsity).long() - c.sink - c.window  # (b, 1)
+        k_max = max(0, min(math.ceil(c.sparsity * S) - c.sink - c.window, S))
+        top, idx = logits.masked_fill(~cand[:, None], -math.inf).topk(k_max, dim=-1)  # (b, Hkv, k_max)
+        keep = (torch.arange(k_max, device=q.device) < n_b[:, None]) & (top > -math.inf)
+        fixed = (j <= input_pos) & ((j < c.sink) | (j > input_pos - c.window))  # (b, S) sinks and window
+        mask = fixed[:, None].expand(b, Hkv, S).scatter(-1, idx, keep)  # idx are candidates: never fixed
+        out = F.scaled_dot_product_attention(q_rope, kc, vc, attn_mask=mask[:, :, None])  # (b, Hkv, G, Dh)
+        return out.reshape(b, H, 1, Dh)
+
+
 def setup_methods(model: Transformer, methods: list[str], context: int, calib: dict | None,
                   overrides: dict | None = None) -> dict[str, SALSConfig | None]:
     """Gives every layer a MethodCaches (batch 1 per method, `context` tokens). Returns the resolved configs."""
@@ -115,6 +151,10 @@ def setup_methods(model: Transformer, methods: list[str], context: int, calib: d
         cfg = method_config(name, context, overrides)
         if cfg is None:
             model.setup_caches(1, context)
+        elif name == "oracle-head":
+            cfg = cfg.resolve(model.args, model.args.n_kv_head * model.args.head_dim)
+            model.setup_caches(1, context, lambda i, a, B, S, dtype: KVCache(B, S, a.n_kv_head, a.head_dim, dtype)
+                               if i in cfg.dense_layers else HeadTopKCache(cfg, B, S, a.n_kv_head, a.head_dim, dtype))
         else:
             cfg = setup_sals(model, 1, context, cfg, calib)
         resolved[name] = cfg

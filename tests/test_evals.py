@@ -238,3 +238,42 @@ def test_passkey_end_to_end_retrieves_under_decode(real, haystack):
     assert rec["found"]["dense"], rec
     assert rec["answers"]["sals-25"] == rec["answers"]["dense"]
     assert res["accuracy"]["dense"] == {"overall": 1.0, "cells": {"1024/0.5": 1.0}}
+
+
+def test_head_topk_cache_attends_each_heads_own_top_tokens():
+    """oracle-head's decode step against float64 brute force: for each KV head, softmax over the sinks, the window
+    and that head's own top-n_b candidates by its post-RoPE logits summed over its query heads; two rows at
+    different positions, heads that choose different tokens."""
+    from model import apply_rope, rope_table
+    from sals_attention import SALSConfig
+    torch.manual_seed(0)
+    B, H, Hkv, Dh, S = 2, 6, 3, 16, 200
+    cfg = SALSConfig(rank_fraction=1.0, value_bits=16, selector="oracle", sink=4, window=8, sparsity=0.25,
+                     dense_layers=())
+    args = ModelArgs(vocab_size=1, dim=H * Dh, n_layer=1, n_head=H, n_kv_head=Hkv, head_dim=Dh,
+                     intermediate_size=1, max_position_embeddings=S)
+    cache = evals.HeadTopKCache(cfg, B, S, Hkv, Dh, torch.float32)
+    table = rope_table(args, S)
+    pos = torch.tensor([[150], [60]])
+    k, v = torch.randn(B, Hkv, S, Dh), torch.randn(B, Hkv, S, Dh)
+    all_pos = torch.arange(S).expand(B, S)
+    cache(torch.randn(B, H, S, Dh), k, v, all_pos, table[all_pos])  # prefill every slot (later ones unused)
+    q = torch.randn(B, H, 1, Dh) * 2
+    out = cache(q, torch.randn(B, Hkv, 1, Dh), torch.randn(B, Hkv, 1, Dh), pos, table[pos])  # the new token
+    kc, vc = cache.cache.k_cache.double(), cache.cache.v_cache.double()
+    q_rope = apply_rope(q, table[pos]).double()[:, :, 0]
+    chosen = []
+    for b in range(B):
+        p = int(pos[b])
+        n_b = math.floor((p + 1) * cfg.sparsity) - cfg.sink - cfg.window
+        for h in range(Hkv):
+            qs = q_rope[b, h * 2:(h + 1) * 2]  # (G, Dh)
+            summed = {j: float(qs.sum(0) @ kc[b, h, j]) for j in range(cfg.sink, p - cfg.window + 1)}
+            top = sorted(summed, key=summed.get, reverse=True)[:n_b]
+            chosen.append(set(top))
+            keys = list(range(cfg.sink)) + list(range(p - cfg.window + 1, p + 1)) + top
+            for g in range(2):
+                w = torch.softmax(kc[b, h, keys] @ q_rope[b, h * 2 + g] / math.sqrt(Dh), 0)
+                ref = w @ vc[b, h, keys]
+                assert torch.allclose(out[b, h * 2 + g, 0].double(), ref, atol=1e-5), (b, h, g)
+    assert chosen[0] != chosen[1] and chosen[1] != chosen[2]  # the heads really choose differently

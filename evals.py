@@ -41,7 +41,7 @@ from torch import Tensor
 
 from generate import prefill
 from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype
-from sals_attention import RANKINGS, SALSConfig, setup_sals
+from sals_attention import RANKINGS, SALSConfig, setup_sals, top_within_budget
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -121,22 +121,22 @@ class HeadTopKCache(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor,
                 rows: Tensor | None = None) -> Tensor:
-        y = self.cache(q, k, v, input_pos, rope, rows)  # stores the tokens; prefill stays dense
-        if q.shape[2] > 1:
-            return y
-        c = self.cfg
+        if q.shape[2] > 1:  # prefill stays dense
+            return self.cache(q, k, v, input_pos, rope, rows)
+        self.cache.write(torch.arange(q.shape[0], device=q.device) if rows is None else rows, apply_rope(k, rope), v,
+                         input_pos)
         kc, vc = (self.cache.k_cache, self.cache.v_cache) if rows is None else \
             (self.cache.k_cache[rows], self.cache.v_cache[rows])  # (b, Hkv, S, Dh), post-RoPE
+        c = self.cfg
         b, H, _, Dh = q.shape
         Hkv, S = kc.shape[1], kc.shape[2]
         q_rope = apply_rope(q, rope)[:, :, 0].unflatten(1, (Hkv, H // Hkv))  # (b, Hkv, G, Dh)
         logits = torch.einsum("bhgd,bhsd->bhs", q_rope.float(), kc.float())  # (b, Hkv, S) summed over G
         j = torch.arange(S, device=q.device)
         cand = (j >= c.sink) & (j <= input_pos - c.window)  # (b, S)
-        n_b = torch.floor((input_pos + 1).double() * c.sparsity).long() - c.sink - c.window  # (b, 1)
         k_max = max(0, min(math.ceil(c.sparsity * S) - c.sink - c.window, S))
-        top, idx = logits.masked_fill(~cand[:, None], -math.inf).topk(k_max, dim=-1)  # (b, Hkv, k_max)
-        keep = (torch.arange(k_max, device=q.device) < n_b[:, None]) & (top > -math.inf)
+        idx, keep = top_within_budget(logits.masked_fill(~cand[:, None], -math.inf), input_pos, k_max, c.sparsity,
+                                      c.sink, c.window)  # (b, Hkv, k_max)
         fixed = (j <= input_pos) & ((j < c.sink) | (j > input_pos - c.window))  # (b, S) sinks and window
         mask = fixed[:, None].expand(b, Hkv, S).scatter(-1, idx, keep)  # idx are candidates: never fixed
         out = F.scaled_dot_product_attention(q_rope, kc, vc, attn_mask=mask[:, :, None])  # (b, Hkv, G, Dh)

@@ -182,12 +182,15 @@ class KVCache(nn.Module):
         """q: (b, H, T, D), k, v: (b, Hkv, T, D) pre-RoPE; input_pos: (b, T); rows: (b,) the cache
         rows of these sequences, None for all rows in order (decode). Returns (b, H, T, D)."""
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        b = torch.arange(q.shape[0], device=q.device) if rows is None else rows
-        self.k_cache[b[:, None], :, input_pos] = k.transpose(1, 2)  # indexed view is (b, T, Hkv, D)
-        self.v_cache[b[:, None], :, input_pos] = v.transpose(1, 2)
+        self.write(torch.arange(q.shape[0], device=q.device) if rows is None else rows, k, v, input_pos)
         k_all, v_all = (self.k_cache, self.v_cache) if rows is None else (self.k_cache[rows], self.v_cache[rows])
         mask = torch.arange(k_all.shape[2], device=q.device) <= input_pos[..., None]  # (b, T, S)
         return attend(q, k_all, v_all, mask)
+
+    def write(self, b: Tensor, k: Tensor, v: Tensor, input_pos: Tensor):
+        """Stores post-RoPE k and v (b, Hkv, T, D) of cache rows b (b,) at positions input_pos (b, T)."""
+        self.k_cache[b[:, None], :, input_pos] = k.transpose(1, 2)  # indexed view is (b, T, Hkv, D)
+        self.v_cache[b[:, None], :, input_pos] = v.transpose(1, 2)
 
     def bytes_allocated(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache))

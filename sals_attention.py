@@ -137,6 +137,17 @@ def dequantize_values(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, dt
     return (q.float() * scale.float()[..., None] + zero.float()[..., None]).flatten(-2).to(dtype)
 
 
+def top_within_budget(s: Tensor, input_pos: Tensor, k: int, sparsity: float, sink: int,
+                      window: int) -> tuple[Tensor, Tensor]:
+    """Positions (b, ..., k) of the top k scores s (b, ..., S) (-inf outside the candidates), and which of them
+    are attended: the first floor(sparsity * (pos+1)) - sink - window of each row (input_pos (b, 1)), so that
+    sinks, window and selection together fill the budget."""
+    top, idx = s.topk(k, dim=-1)
+    n_b = torch.floor((input_pos + 1).double() * sparsity).long() - sink - window  # (b, 1)
+    n_b = n_b.view(n_b.shape[0], *(1,) * (s.dim() - 1))
+    return idx, (torch.arange(k, device=s.device) < n_b) & (top > -math.inf)
+
+
 # ---------------------------------------------------------------------------------------------
 # The cache.
 
@@ -275,9 +286,7 @@ class SALSCache(nn.Module):
 
     def top(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """Top k_max of scores s (b, S) (-inf outside the candidates) and which are within each row's budget."""
-        top, idx = s.topk(self.k_max, dim=-1)
-        n_b = torch.floor((input_pos + 1).double() * self.sparsity).long() - self.n_sink - self.window  # (b, 1)
-        return idx, (torch.arange(self.k_max, device=s.device) < n_b) & (top > -math.inf)
+        return top_within_budget(s, input_pos, self.k_max, self.sparsity, self.n_sink, self.window)
 
     def keys(self, b: Tensor, idx: Tensor) -> Tensor:
         """Post-RoPE keys (n, k, Hkv, Dh) of positions idx (n, k) of rows b, rebuilt from their latents

@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Launch settings per family (G == 1: "mha", else "gqa"); bench/attention_bench.py --sweep times variants and
 # may overwrite these before it compiles a step. heads: KV heads per program; split_blocks: token blocks per
-# selection split (None: enough splits for ~4 programs per SM); maxnreg: register cap (None: the compiler's).
+# selection split (None: enough splits for ~4 programs per SM).
 # The fastest of the sweep on the H100 (bench/NOTES.md, 2026-11-23, third version): MHA 288.0 us with 4 warps
 # vs 328.7 with 8 at Llama-2 4K B=8; GQA 427.6 us with 128-token blocks vs 638.9 with 64 at Mistral 32K B=8.
 CONFIGS = {
-    "mha": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3, maxnreg=None),
-    "gqa": dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=3, maxnreg=None),
+    "mha": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+    "gqa": dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
 }
-INTERPRETER_CONFIG = dict(heads=2, block_n=16, block_r=16, split_blocks=None, num_warps=1, num_stages=1, maxnreg=None)
+INTERPRETER_CONFIG = dict(heads=2, block_n=16, block_r=16, split_blocks=None, num_warps=1, num_stages=1)
 
 
 @triton.jit
@@ -230,8 +230,7 @@ def launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, k
         U, rope, v_q, scale, zero, m, l, acc, S, Hkv, K, RS + RR, HD ** -0.5 * math.log2(math.e),
         G=G, HD=HD, N_SINK=n_sink, W=W, RS=RS, RR=RR, BITS=bits, TPS=TPS, HEADS=heads,
         BLOCK_Q=max(16, triton.next_power_of_2(heads * G)), BLOCK_N=BLOCK_N, BLOCK_R=latent_block(RS, RR, cfg["block_r"]),
-        PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
+        PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def latent_block(RS: int, RR: int, block_r: int) -> int:

@@ -265,7 +265,7 @@ def sals_setup(args, model: Transformer, default_model: bool):
     def setup(B: int, S: int):
         if on_gpu and not args.sals_always:
             free = torch.cuda.mem_get_info(model.output.weight.device)[0]
-            use, why = sals_on_gpu(model.args, resolved.rank, B, S, free, model.output.weight.element_size())
+            use, why = sals_on_gpu(model.args, B, S, free, model.output.weight.element_size())
             print(f"SALS: {why}" if use else f"SALS: staying dense: {why}; --sals_always to use SALS anyway",
                   file=sys.stderr)
             if not use:
@@ -274,21 +274,22 @@ def sals_setup(args, model: Transformer, default_model: bool):
     return setup
 
 
-def sals_on_gpu(a: ModelArgs, rank: int, B: int, S: int, free: int, elem_bytes: int = 2) -> tuple[bool, str]:
-    """Whether SALS caches of latent rank `rank` should replace dense ones on a GPU with `free` bytes free, for B
-    sequences of S tokens (dense elements of elem_bytes), and why. The rule is
-    the measurements' (BENCHMARKS.md, H100, whole model, batch 8): SALS decodes faster than the dense cache
-    only for GQA models at SALS-12.5% (rank D/8) from 32K tokens (Mistral-7B 1.18x at 32K, 0.99x at 16K);
-    SALS-25% (0.56-0.89x) and MHA models (0.56-0.73x) never are. Otherwise SALS is used only when the
-    dense cache would not fit in free GPU memory."""
+def sals_on_gpu(a: ModelArgs, B: int, S: int, free: int, elem_bytes: int = 2) -> tuple[bool, str]:
+    """Whether SALS caches should replace dense ones on a GPU with `free` bytes free, for B
+    sequences of S tokens (dense elements of elem_bytes), and why. The rule is the measurements' (BENCHMARKS.md,
+    H200, whole model, batch 8): SALS decodes at least as fast as the dense cache for GQA models from 4K tokens
+    at batch 8 (Mistral-7B: 1.01x / 1.03x at 4K, 1.61x / 1.78x at 32K, SALS-25% / 12.5%), never for MHA models
+    (Llama-2-7B at 4K: 0.68x / 0.85x); batches under 8 were not measured end to end (one SALS layer at batch 1 is
+    0.44x of SDPA), so they stay dense. Otherwise SALS is used only when the dense cache would not fit in free
+    GPU memory. Both presets' ranks fall on the same side of it everywhere it was measured."""
     D = a.n_kv_head * a.head_dim
-    if a.n_kv_head < a.n_head and rank * 8 <= D and S >= 32768:
-        return True, f"GQA at rank D/8 and {S} tokens, where it was measured faster than dense (BENCHMARKS.md)"
+    if a.n_kv_head < a.n_head and S >= 4096 and B >= 8:
+        return True, f"GQA at {S} tokens and batch {B}, where it was measured faster than dense (BENCHMARKS.md)"
     dense = 2 * a.n_layer * B * S * D * elem_bytes
     if dense > 0.9 * free:
         return True, f"a dense cache ({dense / 1e9:.1f} GB) would not fit in free GPU memory ({free / 1e9:.1f} GB)"
-    return False, (f"on this GPU SALS decodes slower than the dense cache ({dense / 1e9:.1f} GB, which fits) below "
-                   f"32K tokens, for MHA models and at rank D/4 (BENCHMARKS.md)")
+    return False, (f"on this GPU SALS decodes slower than the dense cache ({dense / 1e9:.1f} GB, which fits) for MHA "
+                   f"models, and was not measured faster below 4K tokens or batch 8 (BENCHMARKS.md)")
 
 
 def read_prompt(spec: str, tokenizer, chat: bool, vocab_size: int, gen: torch.Generator) -> list[int]:

@@ -21,6 +21,9 @@ from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies, rope
 
 GROUP = 32  # value channels sharing one scale and zero
 FUSED = None  # decode with the Triton kernels of kernels/: None = on CUDA tensors; True/False forces it (tests)
+# The longest cache whose fused step selects with the radix-select kernel (kernels/topk.py), torch.topk beyond: one
+# program per row, it took 16.7 us at 4K against torch.topk's 44.5, but 145 against 85-88 at 32K (H200, BENCHMARKS.md).
+SELECT_MAX_LEN = 16384
 
 # How a decode step ranks the compressed tokens: "pre-rope" by the RoPE-free q.k (the paper); "expected-rope" by
 # q.k with q rotated by RoPE's rotation averaged over the candidates' distances (expected_rotation).
@@ -122,7 +125,9 @@ def quantize_values(v: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     levels, sdt = 2 ** bits - 1, scale_dtype(v.dtype)
     g = v.float().unflatten(-1, (-1, GROUP))  # (..., Dh/32, 32)
     zero = _round_toward(g.amin(-1), sdt, -math.inf)
-    span = (g.amax(-1) - zero.float()) / levels
+    # float64 then float32: the correctly rounded float32 quotient on every device (PyTorch's CUDA kernels divide by a
+    # Python number as a multiplication by its reciprocal, which the compression kernel's division would not match)
+    span = ((g.amax(-1) - zero.float()).double() / levels).float()
     scale = _round_toward(span.clamp(min=torch.finfo(sdt).tiny), sdt, math.inf)
     q = ((g - zero.float()[..., None]) / scale.float()[..., None]).round().clamp(0, levels).to(torch.uint8)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=v.device)
@@ -137,13 +142,18 @@ def dequantize_values(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, dt
     return (q.float() * scale.float()[..., None] + zero.float()[..., None]).flatten(-2).to(dtype)
 
 
+def budget(input_pos: Tensor, sparsity: float, sink: int, window: int) -> Tensor:
+    """(b, 1) how many compressed tokens each row attends at input_pos (b, 1): floor(sparsity * (pos+1)) - sink -
+    window, so that sinks, window and selection together fill the budget (<= 0: none)."""
+    return torch.floor((input_pos + 1).double() * sparsity).long() - sink - window
+
+
 def top_within_budget(s: Tensor, input_pos: Tensor, k: int, sparsity: float, sink: int,
                       window: int) -> tuple[Tensor, Tensor]:
     """Positions (b, ..., k) of the top k scores s (b, ..., S) (-inf outside the candidates), and which of them
-    are attended: the first floor(sparsity * (pos+1)) - sink - window of each row (input_pos (b, 1)), so that
-    sinks, window and selection together fill the budget."""
+    are attended: the first budget(...) of each row (input_pos (b, 1))."""
     top, idx = s.topk(k, dim=-1)
-    n_b = torch.floor((input_pos + 1).double() * sparsity).long() - sink - window  # (b, 1)
+    n_b = budget(input_pos, sparsity, sink, window)
     n_b = n_b.view(n_b.shape[0], *(1,) * (s.dim() - 1))
     return idx, (torch.arange(k, device=s.device) < n_b) & (top > -math.inf)
 
@@ -241,18 +251,23 @@ class SALSCache(nn.Module):
 
     def fused_decode(self, q: Tensor, q_rope: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Steps 1-6 with the Triton kernels (all B rows): one kernel compresses and stores the new token, the
-        scoring kernel, torch.topk, one fused kernel that rebuilds, rotates and attends without writing keys to
-        memory. Imported here so that importing this module never initializes Triton (its interpreter mode is
-        fixed when a kernel is defined)."""
+        scoring kernel, a radix select of each row's budget (the same set as self.top, without its sort; torch.topk
+        past SELECT_MAX_LEN), one
+        fused kernel that rebuilds, rotates and attends without writing keys to memory. Imported here so that
+        importing this module never initializes Triton (its interpreter mode is fixed when a kernel is defined)."""
         from kernels.compress import compress_decode
         from kernels.latent_score import latent_scores
         from kernels.sals_decode import fused_decode
+        from kernels.topk import select_top
         if self.rope.device != q.device:
             raise ValueError(f"the RoPE table is on {self.rope.device} but the step runs on {q.device}: build the "
                              f"cache with rope=<the model's table on that device> (setup_sals does).")
         compress_decode(self, k, k_rope, v, input_pos)
         s = latent_scores(self.k_lat_score, self.latent_query(q, input_pos), input_pos, self.n_sink, self.window)
-        idx, keep = self.top(s, input_pos)
+        if s.shape[1] <= SELECT_MAX_LEN:
+            idx, keep = select_top(s, budget(input_pos, self.sparsity, self.n_sink, self.window)[:, 0], self.k_max)
+        else:
+            idx, keep = self.top(s, input_pos)
         return fused_decode(self, q_rope, input_pos, idx, keep)
 
     def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:

@@ -5,15 +5,16 @@
     python bench/attention_bench.py --fast       # short check, launch-setting sweep, four SALS-12.5% shapes (< 4 min)
 
 The SALS step is SALSCache.forward for one new token, everything a step needs: RoPE of q and k, latent
-projection and quantization of the new token and its writes, latent query, scoring, torch.topk, the
+projection and quantization of the new token and its writes, latent query, scoring, the radix select, the
 fused gather/rebuild/attend kernel and the split combine. SDPA gets q (B, 32, 1, 128) and bf16 K, V
 (B, hkv, S, 128) with enable_gqa. Both are captured in CUDA graphs and timed with triton's do_bench
 (median; do_bench clears the L2 cache before every call, so no input set is ever read from L2).
 The step is torch.compile'd (default mode; --eager to compare) before capture, as generate.py does.
 Bandwidth: bytes the SALS step must read (r* latent prefix of every candidate, the selected latent rows
-and quantized values, sinks and window, U) per second, against the 3.0 TB/s copy ceiling.
+and quantized values, sinks and window, U) per second, against the copy ceiling measured in the same run (copy_ceiling).
 """
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -27,7 +28,6 @@ import sals_attention  # noqa: E402
 from sals_attention import GROUP, SALSCache, SALSConfig  # noqa: E402
 
 SHAPES = {"llama-2-7b": (32, 32), "mistral-7b": (32, 8)}  # (query heads, KV heads); head_dim 128
-COPY_CEILING = 3.0e12  # bytes/s, ANCHORS.md
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +125,18 @@ def graph_us(fn) -> float:
     return do_bench(g.replay, warmup=50, rep=300, return_mode="median") * 1e3
 
 
+@functools.cache
+def copy_ceiling() -> float:
+    """Bytes/s (read + written) of a 2 GiB device-to-device copy on this GPU: the ceiling the bandwidth column is
+    compared with, measured in the same run (ANCHORS.md's 3.02 TB/s is the H100's)."""
+    from triton.testing import do_bench
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3
+    del x, y
+    return 2 * (2 << 30) / t
+
+
 def sals_bytes(cache: SALSCache, input_pos: torch.Tensor) -> int:
     """Bytes a decode step must read: the r* prefix of every candidate, the selected tokens' latent rows and
     values (with scales and zeros), the sinks and window, and U."""
@@ -140,6 +152,7 @@ def sals_bytes(cache: SALSCache, input_pos: torch.Tensor) -> int:
 
 
 def bench_config(shape: str, S: int, B: int, fractions, eager: bool, reference: bool = False) -> list[str]:
+    torch._dynamo.reset()  # each config compiles its own step: no recompile limit across configs
     H, Hkv = SHAPES[shape]
     dense = 2 * B * Hkv * S * 128 * 2
     free = torch.cuda.mem_get_info()[0]
@@ -163,10 +176,10 @@ def bench_config(shape: str, S: int, B: int, fractions, eager: bool, reference: 
         nbytes = sals_bytes(cache, pos)
         with torch.no_grad():
             t_step = graph_us(step if eager else torch.compile(step, fullgraph=True))
-            t_score, t_topk, t_attn = piece_us(cache, q, pos, rope)
+            t_score, t_select, t_attn = piece_us(cache, q, pos, rope)
             rows.append(f"| {shape} | {S} | {B} | SALS-{fraction * 100:g}% | {t_step:.1f} | {t_sdpa / t_step:.2f}x | "
                         f"{nbytes / 1e6:.1f} MB | {nbytes / t_step / 1e6:.2f} TB/s "
-                        f"({nbytes / t_step / 1e6 / 3.0:.0%}) | {t_score:.1f} / {t_topk:.1f} / {t_attn:.1f} |")
+                        f"({nbytes / t_step / copy_ceiling() * 1e6:.0%}) | {t_score:.1f} / {t_select:.1f} / {t_attn:.1f} |")
             if reference:  # the same step through the PyTorch reference path (gather, matmul rebuild, SDPA)
                 sals_attention.FUSED = False
                 try:
@@ -180,14 +193,19 @@ def bench_config(shape: str, S: int, B: int, fractions, eager: bool, reference: 
 
 
 def piece_us(cache: SALSCache, q, pos, rope) -> tuple[float, float, float]:
-    """Microseconds of the scoring kernel, torch.topk and the fused attention (with combine), each alone."""
+    """Microseconds of the scoring kernel, the selection (radix select, or torch.topk past SELECT_MAX_LEN) and the
+    fused attention (with combine), each alone."""
     from kernels.latent_score import latent_scores
     from kernels.sals_decode import fused_decode
+    from kernels.topk import select_top
     q_lat, q_rope = cache.latent_query(q, pos), apply_rope(q, rope)
     s = latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)
-    idx, keep = cache.top(s, pos)
+    n = sals_attention.budget(pos, cache.sparsity, cache.n_sink, cache.window)[:, 0]
+    def select():  # as SALSCache.fused_decode does
+        return select_top(s, n, cache.k_max) if s.shape[1] <= sals_attention.SELECT_MAX_LEN else cache.top(s, pos)
+    idx, keep = select()
     return (graph_us(lambda: latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)),
-            graph_us(lambda: s.topk(cache.k_max, dim=-1)),
+            graph_us(select),
             graph_us(lambda: fused_decode(cache, q_rope, pos, idx, keep)))
 
 
@@ -251,14 +269,20 @@ def check_step(cache, q, k, v, input_pos, rope, compiled: bool) -> bool:
 
 
 # Launch-setting variants of the fused kernel (kernels/sals_decode.CONFIGS), timed alone by --sweep/--fast. Registers,
-# spills and shared memory from `python bench/kernel_report.py` (an offline sm_90 compile, triton 3.6): 4 warps at
-# <= 255 registers fit 2 programs per SM, 8 warps at > 128 only one.
+# spills and shared memory: `python bench/kernel_report.py` (an offline sm_90 compile, triton 3.6; 201-255 registers,
+# the MHA 4-warp variants spill 56-88 B; shared memory 45-140 KB, GQA 64-token blocks 138-140 KB: one program per SM).
 SWEEP = {
-    "mha": [dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),  # 206 regs
-            dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),  # 255, 16 B spilled
-            dict(heads=2, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=2)],  # 192 B spilled
-    "gqa": [dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=3),  # 222 regs
-            dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3)],  # 228 regs
+    "mha": [dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
+            dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(heads=1, block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=2),
+            dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=8, num_stages=3)],
+    "gqa": [dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=2),
+            dict(heads=1, block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
+            dict(heads=1, block_n=32, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
+            dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=3)],
 }
 
 
@@ -336,7 +360,7 @@ def fast() -> bool:
     print(f"\ncheck: {'all ok' if ok else 'FAILED'}; {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(SWEEP_HEADER)
     print("\n".join(sweep_rows))
-    print("\n| shape | S | B | method | us / layer | speed-up | bytes read | bandwidth | scores / topk / attn us |")
+    print("\n| shape | S | B | method | us / layer | speed-up | bytes read | bandwidth | scores / select / attn us |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     return ok
@@ -371,6 +395,19 @@ def profile(shape: str, S: int, B: int, fraction: float = 0.125, steps: int = 20
                 print(f"{us:9.1f} us  x{e.count // steps:<3d} {e.key[:110]}")
 
 
+def ncu_step(shape: str, S: int, B: int, fraction: float = 0.125) -> None:
+    """One eager SALS step (after a warm-up that compiles the kernels) inside a profiler range, for ncu."""
+    H, Hkv = SHAPES[shape]
+    cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, fraction, device="cuda", seed=1)
+    with torch.no_grad():
+        cache(q, k, v, pos, rope)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        cache(q, k, v, pos, rope)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), nargs="+", default=["llama-2-7b", "mistral-7b"])
@@ -383,7 +420,10 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="check the kernels against the reference, then exit")
     p.add_argument("--fast", action="store_true", help="short check, launch-setting sweep, six shapes (see fast())")
     p.add_argument("--profile", nargs="+", metavar="SHAPE:S:B", help="kernel-level times of the step (torch.profiler)")
-    p.add_argument("--sweep", nargs="+", metavar="SHAPE:S:B", help="time the fused kernel's launch-setting variants")
+    p.add_argument("--sweep", nargs="+", metavar="SHAPE:S:B",
+                   help="time the fused kernel's launch-setting variants (the fastest is used by --configs after it)")
+    p.add_argument("--ncu", nargs="+", metavar="SHAPE:S:B",
+                   help="one eager step per config between cudaProfilerStart/Stop (run under ncu --profile-from-start off)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("attention_bench.py needs a CUDA GPU (the CPU tests are tests/test_kernels.py).")
@@ -391,13 +431,17 @@ def main(argv=None):
         sys.exit(0 if check() else 1)
     if args.fast:
         sys.exit(0 if fast() else 1)
+    for c in args.ncu or []:
+        ncu_step(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2]))
+    if args.ncu:
+        return
     for c in args.profile or []:
         profile(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2]))
     with torch.no_grad():
         rows = [row for c in args.sweep or [] for row in sweep(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2]))]
     if rows:
         print(SWEEP_HEADER, *rows, sep="\n")
-    if args.profile or args.sweep:
+    if (args.profile or args.sweep) and not args.configs:  # with --configs, the sweep's winners are timed next
         return
     configs = [(shape, S, B) for shape in args.shape for S in args.seq for B in args.batch]
     if args.configs:
@@ -414,7 +458,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, one layer, us = median per step "
           f"(CUDA graph, L2 cleared), step compiled={not args.eager}")
-    print("| shape | S | B | method | us / layer | speed-up | bytes read | bandwidth | scores / topk / attn us |")
+    print("| shape | S | B | method | us / layer | speed-up | bytes read | bandwidth | scores / select / attn us |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 

@@ -29,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Launch settings per family (G == 1: "mha", else "gqa"); bench/attention_bench.py --sweep times variants and
 # may overwrite these before it compiles a step. heads: KV heads per program; split_blocks: token blocks per
 # selection split (None: enough splits for ~4 programs per SM).
-# The fastest of the sweep on the H100 (bench/NOTES.md, 2026-11-23, third version): MHA 288.0 us with 4 warps
-# vs 328.7 with 8 at Llama-2 4K B=8; GQA 427.6 us with 128-token blocks vs 638.9 with 64 at Mistral 32K B=8.
+# The fastest of the sweep on the H200 (bench/NOTES.md, 2026-12-01, fourth version): MHA 129.7 us at Llama-2 4K B=8
+# (4 warps; 8 warps 164.5); GQA 144.4 us at Mistral 32K B=8 (one 64-token block per split, unpipelined: 2 programs
+# per SM; pipelined, 140 KB of shared memory leaves one: 155.8-187.3).
 CONFIGS = {
     "mha": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
-    "gqa": dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
+    "gqa": dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
 }
 INTERPRETER_CONFIG = dict(heads=2, block_n=16, block_r=16, split_blocks=None, num_warps=1, num_stages=1)
 
@@ -75,18 +76,32 @@ def _rebuild(k1, k2, lat_row, ok, u1, u2, C0: tl.constexpr, WIDTH: tl.constexpr,
 
 
 @triton.jit
-def _values(vq_ptr, vs_ptr, vz_ptr, vrow, ok, cv, HD: tl.constexpr, BITS: tl.constexpr, dtype: tl.constexpr):
-    """Values (BLOCK_N, NV) of token rows vrow (BLOCK_N, 1) = (b * S + j) * Hkv + first head; cv (NV,) the
-    columns (heads adjacent, so a column's byte and group offsets run on across heads)."""
-    if BITS == 16:
-        return tl.load(vq_ptr + vrow * HD + cv[None, :], mask=ok[:, None], other=0.0)
-    PER: tl.constexpr = 8 // BITS
-    byte = tl.load(vq_ptr + vrow * (HD // PER) + cv[None, :] // PER, mask=ok[:, None], other=0)
-    qv = (byte.to(tl.int32) >> ((cv[None, :] % PER) * BITS)) & (2 ** BITS - 1)
-    grp = vrow * (HD // 32) + cv[None, :] // 32
-    scale = tl.load(vs_ptr + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-    zero = tl.load(vz_ptr + grp, mask=ok[:, None], other=0.0).to(tl.float32)
-    return (qv.to(tl.float32) * scale + zero).to(dtype)
+def _values(vq_ptr, vs_ptr, vz_ptr, vrow, ok, BLOCK_N: tl.constexpr, NV: tl.constexpr, HD: tl.constexpr,
+            BITS: tl.constexpr, dtype: tl.constexpr):
+    """Values (BLOCK_N, NV) of token rows vrow (BLOCK_N, 1) = (b * S + j) * Hkv + first head, NV = heads * HD
+    adjacent columns (heads adjacent, so bytes and groups run on across heads). The packed bytes and the scales
+    and zeros are loaded as the tiles they are, (BLOCK_N, NV*BITS/8) and (BLOCK_N, NV/32), and widened in
+    registers: one load per element of the (BLOCK_N, NV) tile made the first kernels L1-bound (bench/NOTES.md)."""
+    if BITS == 16:  # (an early return would still compile the code after it, with 8 // BITS == 0)
+        out = tl.load(vq_ptr + vrow * HD + tl.arange(0, NV)[None, :], mask=ok[:, None], other=0.0)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        NG: tl.constexpr = NV // 32
+        byte = tl.load(vq_ptr + vrow * (HD // PER) + tl.arange(0, NV // PER)[None, :], mask=ok[:, None], other=0)
+        byte = byte.to(tl.int32)  # (BLOCK_N, NV/PER); element c = PER * byte + i sits at bits BITS * i of its byte
+        if BITS == 4:
+            qv = tl.join(byte & 15, byte >> 4)  # (BLOCK_N, NV/2, 2)
+        else:
+            # join appends the new axis last: [..., i, t] holds code 2 * i + t
+            qv = tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6))  # (BLOCK_N, NV/4, 2, 2)
+        qv = tl.reshape(qv, [BLOCK_N, NV]).to(tl.float32)
+        grp = vrow * (HD // 32) + tl.arange(0, NG)[None, :]  # (BLOCK_N, NG)
+        scale = tl.load(vs_ptr + grp, mask=ok[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(vz_ptr + grp, mask=ok[:, None], other=0.0).to(tl.float32)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_N, NG, 32]), [BLOCK_N, NV])
+        zero = tl.reshape(tl.broadcast_to(zero[:, :, None], [BLOCK_N, NG, 32]), [BLOCK_N, NV])
+        out = (qv * scale + zero).to(dtype)
+    return out
 
 
 @triton.jit
@@ -135,23 +150,29 @@ def _sals_decode_kernel(
         lo = (split - 1) * TPS
         u1 = u_ptr + kcol[:, None] * R  # (HEADS*HD2, 1): rows of U (D, r) of the first halves ...
         u2 = u1 + HD2 * R  # ... and of the second halves
-        for t0 in range(0, TPS, BLOCK_N):  # a static trip count (the interpreter has no program-dependent ranges)
-            if lo + t0 < K:  # the last split may have fewer blocks
-                t = lo + t0 + tl.arange(0, BLOCK_N)
-                ok = (t < K) & (tl.load(keep_ptr + b * K + t, mask=t < K, other=0) != 0)
-                j = tl.load(idx_ptr + b * K + t, mask=ok, other=0)  # (BLOCK_N,) positions
-                k1 = tl.zeros([BLOCK_N, HEADS * HD2], tl.float32)
-                k2 = tl.zeros([BLOCK_N, HEADS * HD2], tl.float32)
-                lat = (b * S + j[:, None])  # (BLOCK_N, 1) latent rows
-                k1, k2 = _rebuild(k1, k2, kls_ptr + lat * RS, ok, u1, u2, 0, RS, BLOCK_R, PREC)
-                k1, k2 = _rebuild(k1, k2, klr_ptr + lat * RR, ok, u1, u2, RS, RR, BLOCK_R, PREC)
-                # (cos, sin) pairs of the model's table, loaded as whole contiguous rows and split
-                cs = rope_ptr + j[:, None, None] * HD + (col % HD2)[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-                cos, sin = tl.split(tl.load(cs, mask=ok[:, None, None], other=0.0))  # (BLOCK_N, HEADS*HD2)
-                r1 = (k1 * cos - k2 * sin).to(q1.dtype)
-                r2 = (k2 * cos + k1 * sin).to(q1.dtype)
-                v = _values(vq_ptr, vs_ptr, vz_ptr, lat * Hkv + h0, ok, cv, HD, BITS, q1.dtype)
-                m, l, acc = _attend_block(q1, q2, r1, r2, v, ok, m, l, acc, qk_scale, PREC)
+        # one loop with a static trip count and no branch in it, so that Triton's pipeliner can prefetch a block's
+        # positions, then its latent rows, table rows and values, while the blocks before it are rebuilt and
+        # attended; blocks past K (in the last split only) are masked whole and load nothing. (A trip count
+        # bounded by K would not run in Triton's interpreter, whose program ids are arrays.)
+        for t0 in range(0, TPS, BLOCK_N):
+            t = lo + t0 + tl.arange(0, BLOCK_N)
+            ok = (t < K) & (tl.load(keep_ptr + b * K + t, mask=t < K, other=0) != 0)
+            j = tl.load(idx_ptr + b * K + t, mask=ok, other=0)  # (BLOCK_N,) positions
+            k1 = tl.zeros([BLOCK_N, HEADS * HD2], tl.float32)
+            k2 = tl.zeros([BLOCK_N, HEADS * HD2], tl.float32)
+            lat = (b * S + j[:, None])  # (BLOCK_N, 1) latent rows
+            k1, k2 = _rebuild(k1, k2, kls_ptr + lat * RS, ok, u1, u2, 0, RS, BLOCK_R, PREC)
+            k1, k2 = _rebuild(k1, k2, klr_ptr + lat * RR, ok, u1, u2, RS, RR, BLOCK_R, PREC)
+            # the tokens' rows of the model's (cos, sin) table, loaded whole (16-byte loads), split, and
+            # repeated for each head of the program
+            cs = tl.load(rope_ptr + j[:, None] * HD + tl.arange(0, HD)[None, :], mask=ok[:, None], other=0.0)
+            cos, sin = tl.split(tl.reshape(cs, [BLOCK_N, HD2, 2]))  # (BLOCK_N, HD2)
+            cos = tl.reshape(tl.broadcast_to(cos[:, None, :], [BLOCK_N, HEADS, HD2]), [BLOCK_N, HEADS * HD2])
+            sin = tl.reshape(tl.broadcast_to(sin[:, None, :], [BLOCK_N, HEADS, HD2]), [BLOCK_N, HEADS * HD2])
+            r1 = (k1 * cos - k2 * sin).to(q1.dtype)
+            r2 = (k2 * cos + k1 * sin).to(q1.dtype)
+            v = _values(vq_ptr, vs_ptr, vz_ptr, lat * Hkv + h0, ok, BLOCK_N, HEADS * HD, HD, BITS, q1.dtype)
+            m, l, acc = _attend_block(q1, q2, r1, r2, v, ok, m, l, acc, qk_scale, PREC)
     out = (b * Hkv + h0) * G + row  # (BLOCK_Q,) query heads
     live = row < HEADS * G
     tl.store(m_ptr + out * n_split + split, m, mask=live)

@@ -169,6 +169,29 @@ def check_dispatched_decode_equals_reference_model():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("S,k,levels", [(300, 40, 0), (300, 40, 3), (70, 64, 0), (1000, 120, 5)])
+def check_select_top(S, k, levels):
+    """kernels/topk.select_top against brute force (a stable sort of float64 scores): the same positions in the
+    same (ascending) order and the same keep mask, for budgets below k, above k, above the number of candidates,
+    zero and negative; with levels > 0 the scores take that many values, so most of the selection is ties (the
+    kernel takes the first positions among equal scores, as the stable sort does); candidates of both signs."""
+    from kernels.topk import launch_select, select_top_reference
+    gen = torch.Generator().manual_seed(S + k + levels)
+    B = 6
+    s = torch.randn(B, S, generator=gen) * 3
+    if levels:
+        s = s.round().clamp(-levels, levels) / 2
+    j = torch.arange(S)
+    last = torch.tensor([S - 1, S - 1, S // 2, 30, 10, S - 1])[:, None]  # each row's newest candidate
+    s = s.masked_fill((j < 4) | (j > last), float("-inf"))
+    budget = torch.tensor([k - 3, k + 50, k, 20, 7, 0 if levels else -5])
+    idx, keep = torch.full((B, k), -7, dtype=torch.int64), torch.ones(B, k, dtype=torch.bool)  # poisoned
+    launch_select(s, budget, idx, keep)
+    ref_idx, ref_keep = select_top_reference(s, budget, k)
+    assert torch.equal(keep, ref_keep) and torch.equal(idx, ref_idx)
+    assert keep.sum() > 0 and not keep[-1].any()
+
+
 # The compression kernel (kernels/compress.py): MHA, GQA, and 3 KV heads of 32 channels (96, no power of two);
 # 4-, 2- and 16-bit values.
 COMPRESS_CASES = [
@@ -294,7 +317,7 @@ def test_sals_layers_share_the_models_rope_table():
         SALSCache(SALSConfig(rank=32).resolve(args, 128), args, 1, 300, torch.zeros(128, 32), rope_table(args, 200))
 
 
-N_CHILD_TESTS = 9 + len(CASES) + 3 + 2 * len(VARIANTS) + 3 * len(COMPRESS_CASES) + 1
+N_CHILD_TESTS = 9 + 4 + len(CASES) + 3 + 2 * len(VARIANTS) + 3 * len(COMPRESS_CASES) + 1
 if CHILD:  # the child collects the checks as tests, and not the launcher
     assert os.environ.get("TRITON_INTERPRET") == "1"
     del test_kernels_in_triton_interpreter, test_sals_layers_share_the_models_rope_table  # parent-only tests

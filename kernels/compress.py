@@ -29,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sals_attention import GROUP, scale_dtype  # noqa: E402
 
 # Launch settings: latent columns and key channels per GEMV tile, channels per step of a sequence's value program
-# (a power of two >= GROUP). Not yet timed on a GPU (python kernels/compress.py times a few); block_c 16 gives r / 16
-# GEMV programs (32 for Llama-2-7B SALS-12.5%, 8 for Mistral-7B). Offline sm_90 compile (ptxas -v, triton 3.6):
-# 196 registers at 4 warps, 128 at block_c 32, block_d 128, 8 warps, no spills.
+# (a power of two >= GROUP). block_c 16 gives r / 16 GEMV programs (32 for Llama-2-7B SALS-12.5%, 8 for Mistral-7B).
+# H200 (bench/NOTES.md, 2026-12-01, `python kernels/compress.py`, Llama-2-7B SALS-12.5% only): 19.1-19.4 us at B = 1-16,
+# block_c 32 17.0-17.2 us, the compiled SALSCache.write 26-35 us; kept at 16 because the Mistral rows (r / 32 = 4
+# programs) were not reached. Offline sm_90 compile (ptxas -v, triton 3.6): 196 registers at 4 warps, 128 at block_c
+# 32, block_d 128, 8 warps, no spills.
 CONFIG = dict(block_c=16, block_d=256, chunk=1024, num_warps=4, num_stages=3)
 INTERPRETER_CONFIG = dict(block_c=16, block_d=32, chunk=64, num_warps=1, num_stages=1)
 MAX_BLOCK_B = 64  # sequences per GEMV program; more sequences take more programs (and read U again)

@@ -5,7 +5,9 @@ the scores are mapped to integers that order like them, the n[b]-th largest is f
 8-bit radix passes (a 256-bin histogram each, over the keys that share the digits found so far), and a last
 pass writes the positions of the scores above it, then of the first ties, in position order. torch.topk
 (SALSCache.top, the reference) gives the same set up to the order of ties, but sorts its k results, half of
-its time in a step (bench/NOTES.md). One program per row; the row is read five times, from L2 after the first.
+its time in a step (bench/NOTES.md). One program per row; the row is read five times, from L2 after the first, and
+the histograms cost ~0.85 ns per element and pass on an H200, so SALSCache uses it up to SELECT_MAX_LEN tokens
+(faster than torch.topk up to 16K: 17 against 46 us at 4K, 89 against 116 at 16K; slower at 32K: 141 against 94).
 
     idx (B, k) int64: the selected positions first, ascending, then 0; keep (B, k) bool: which are selected.
 

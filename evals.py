@@ -5,6 +5,7 @@ the per-layer error of the attention output. Results: EVAL.md and eval_results/.
     python evals.py --evals ppl --methods dense sals-25 --ppl_contexts 2048 --ppl_windows 1
     python evals.py --methods dense sals-25 --score_dims 48 --tag sd48
     python evals.py --methods dense sals-25 sals-12.5 --ranking expected-rope --tag expected
+    python evals.py --methods dense sals-25 --selection kv-head --tag kvhead
 
 Methods (the non-dense ones share sparsity, sinks and dense layers, so they attend the same budget):
   dense       model.KVCache in every layer
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from generate import prefill
 from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype
-from sals_attention import RANKINGS, SALSConfig, setup_sals, top_within_budget
+from sals_attention import RANKINGS, SELECTIONS, SALSConfig, setup_sals, top_within_budget
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -459,6 +460,8 @@ def parse_args(argv=None):
     s.add_argument("--score_dims", type=int)
     s.add_argument("--value_bits", type=int)
     s.add_argument("--ranking", choices=RANKINGS, help="how the latent query ranks tokens (default: the preset's)")
+    s.add_argument("--selection", choices=SELECTIONS,
+                   help="one top-k per layer (the paper) or one per KV head (default: the preset's)")
     a = p.parse_args(argv)
     if len(a.ppl_windows) not in (1, len(a.ppl_contexts)):
         p.error(f"--ppl_windows takes one number or one per context ({len(a.ppl_contexts)}).")
@@ -497,7 +500,7 @@ def run(a) -> dict:
     needs_calib = any(m != "dense" for m in a.methods)
     calib = load_calibration(a.calib or Path(a.checkpoint) / "sals_calib.pt", model) if needs_calib else None
     names = ("dense_layers", "sparsity", "sink", "window", "rank", "rank_fraction", "score_dims", "value_bits",
-             "ranking")
+             "ranking", "selection")
     overrides = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
     limit = model.args.max_position_embeddings
     contexts = ((a.ppl_contexts if "ppl" in a.evals else []) + (a.passkey_contexts if "passkey" in a.evals else [])

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from model import DTYPES, ModelArgs, Transformer, default_dtype, load_model
-from sals_attention import RANKINGS
+from sals_attention import RANKINGS, SELECTIONS
 
 PREFILL_CHUNK = 2048  # long prompts are prefilled in chunks: attention memory stays linear
 
@@ -203,6 +203,9 @@ def parse_args(argv=None):
     s.add_argument("--sals_ranking", choices=RANKINGS,
                    help="how tokens are ranked: by the RoPE-free q.k (the paper), or with q rotated by RoPE's mean "
                         "rotation over the candidates' distances (default: the preset's)")
+    s.add_argument("--sals_selection", choices=SELECTIONS,
+                   help="one top-k per layer, shared by its heads (the paper), or one per KV head, each ranking with "
+                        "its own query heads (PyTorch path only, also on a GPU; default: the preset's)")
     s.add_argument("--sals_calib", type=Path, help="calibration file (default: <checkpoint>/sals_calib.pt)")
     s.add_argument("--sals_always", action="store_true", default=None,
                    help="on a GPU, use SALS even where it was measured slower than the dense cache (by default the "
@@ -245,7 +248,7 @@ def sals_setup(args, model: Transformer, default_model: bool):
     """setup_caches(B, S) for --sals: SALS caches built from the checkpoint's calibration."""
     from calibrate import load_calibration
     from sals_attention import SALSConfig, setup_sals
-    names = ("sparsity", "rank", "score_dims", "value_bits", "sink", "window", "dense_layers", "ranking")
+    names = ("sparsity", "rank", "score_dims", "value_bits", "sink", "window", "dense_layers", "ranking", "selection")
     overrides = {n: getattr(args, "sals_" + n) for n in names if getattr(args, "sals_" + n) is not None}
     cfg = SALSConfig.preset(args.sals, **overrides)
     path = args.sals_calib or args.checkpoint / "sals_calib.pt"
@@ -259,7 +262,8 @@ def sals_setup(args, model: Transformer, default_model: bool):
     resolved = setup_sals(model, 1, 1, cfg, calib)  # validates the config now, before any prompt runs
     print(f"SALS: rank {resolved.rank}, score dims {resolved.score_dims}, {resolved.value_bits}-bit values, "
           f"sparsity {resolved.sparsity:g}, {resolved.sink} sinks, window {resolved.window}, dense layers "
-          f"{list(resolved.dense_layers)}, {resolved.ranking} ranking", file=sys.stderr)
+          f"{list(resolved.dense_layers)}, {resolved.ranking} ranking, {resolved.selection} selection",
+          file=sys.stderr)
     on_gpu = torch.device(args.device).type == "cuda"
 
     def setup(B: int, S: int):

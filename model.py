@@ -143,8 +143,10 @@ def rope_table(args: ModelArgs, max_seq_length: int) -> Tensor:
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """x: (B, H, T, D); rope: (B, T, D/2, 2) rows of the table at each token's position."""
-    cos, sin = rope[:, None, ..., 0], rope[:, None, ..., 1]  # (B, 1, T, D/2)
+    """x: (B, H, T, D); rope: (B, T, D/2, 2) rows of the table at each token's position, shared by the heads, or
+    (B, H, T, D/2, 2) one per head (SALS's per-KV-head selection rotates each head's own tokens)."""
+    rope = rope if rope.dim() == 5 else rope[:, None]
+    cos, sin = rope[..., 0], rope[..., 1]  # (B, 1 or H, T, D/2)
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
@@ -155,7 +157,8 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """GQA attention without repeating K/V heads.
 
-    q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: (B, T, S) bool, True where attended.
+    q: (B, H, T, D); k, v: (B, Hkv, S, D); mask: (B, T, S) bool, True where attended, shared by the heads, or
+    (B, Hkv, T, S) one per KV head (SALS's per-KV-head selection: each head attends its own tokens).
     The G = H / Hkv query heads sharing a KV head are folded into the query-length axis, so every
     KV head is read once and SDPA sees plain multi-head attention.
     """
@@ -163,7 +166,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     q = q.reshape(B, Hkv, G * T, D)  # head h = kv_head * G + g (the Hugging Face grouping)
-    mask = mask[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+    mask = mask if mask.dim() == 4 else mask[:, None]  # (B, 1 or Hkv, T, S)
+    mask = mask[:, :, None].expand(B, mask.shape[1], G, T, S).reshape(B, mask.shape[1], G * T, S)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return y.reshape(B, H, T, D)  # CUDA SDPA may return a non-contiguous output
 

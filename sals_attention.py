@@ -28,6 +28,10 @@ SELECT_MAX_LEN = 16384
 # How a decode step ranks the compressed tokens: "pre-rope" by the RoPE-free q.k (the paper); "expected-rope" by
 # q.k with q rotated by RoPE's rotation averaged over the candidates' distances (expected_rotation).
 RANKINGS = ("pre-rope", "expected-rope")
+# Who chooses the attended tokens: "layer" one ranking per layer, shared by its heads (the paper); "kv-head" each KV
+# head by its own latent query (its G query heads), because on SmolLM2 one shared set loses the few retrieval heads'
+# tokens (EVAL.md sections 5-6).
+SELECTIONS = ("layer", "kv-head")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class SALSConfig:
     dense_layers: tuple[int, ...] | None = None  # layers keeping a dense KVCache; None: (0, 1, L-1)
     selector: str = "latent"  # "oracle": exact top-k by true post-RoPE logits (evaluation only)
     ranking: str = "pre-rope"  # how the latent query ranks tokens, one of RANKINGS; "pre-rope" is the paper's
+    selection: str = "layer"  # one of SELECTIONS; "layer" is the paper's
 
     @classmethod
     def preset(cls, fraction: float, **overrides) -> "SALSConfig":
@@ -78,6 +83,9 @@ class SALSConfig:
         check(all(0 <= i < L for i in dense), f"dense_layers {sorted(dense)} must be layer ids in 0..{L - 1}.")
         check(self.selector in ("latent", "oracle"), f"selector {self.selector!r} is not 'latent' or 'oracle'.")
         check(self.ranking in RANKINGS, f"ranking {self.ranking!r} is not one of {', '.join(RANKINGS)}.")
+        check(self.selection in SELECTIONS, f"selection {self.selection!r} is not one of {', '.join(SELECTIONS)}.")
+        check(self.selection == "layer" or self.selector == "latent",
+              "the oracle selects per layer; per-KV-head oracle selection is evals.py's method oracle-head.")
         return replace(self, rank=r, score_dims=rs, dense_layers=tuple(sorted(set(dense))))
 
 
@@ -191,7 +199,7 @@ class SALSCache(nn.Module):
                              f"({Hkv * Dh}, {r}).")
         self.n_kv_head, self.head_dim, self.G, self.rs = Hkv, Dh, args.n_head // Hkv, rs
         self.n_sink, self.window, self.bits, self.sparsity = cfg.sink, cfg.window, cfg.value_bits, cfg.sparsity
-        self.oracle, self.ranking = cfg.selector == "oracle", cfg.ranking
+        self.oracle, self.ranking, self.per_head = cfg.selector == "oracle", cfg.ranking, cfg.selection == "kv-head"
         self.rope = rope_table(args, S) if rope is None else rope
         if self.rope.shape[0] < S or self.rope.shape[1:] != (Dh // 2, 2) or self.rope.dtype != torch.float32:
             raise ValueError(f"rope has shape {tuple(self.rope.shape)} {self.rope.dtype}, expected the model's table "
@@ -220,34 +228,40 @@ class SALSCache(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def bytes_read_per_step(self) -> int:
-        """What a decode step reads: the ranking prefix of every slot, the selected tokens' latents and
-        values, sinks, window and U (the oracle's full keys too)."""
+        """What a decode step reads: the ranking prefix of every slot, the selected tokens' latents (once per KV
+        head with kv-head selection) and values, sinks, window and U (the oracle's full keys too)."""
         B, S = self.k_lat_score.shape[:2]
         per_token = lambda *ts: sum(t[0, 0].numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
         whole = lambda *ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
-        selected = B * self.k_max * per_token(self.k_lat_score, self.k_lat_rest, self.v_q, self.v_scale, self.v_zero)
+        n_lat = self.n_kv_head if self.per_head else 1
+        selected = B * self.k_max * (n_lat * per_token(self.k_lat_score, self.k_lat_rest)
+                                     + per_token(self.v_q, self.v_scale, self.v_zero))
         return (whole(self.k_lat_score, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.U,
                       self.k_full) + selected)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor,
                 rows: Tensor | None = None) -> Tensor:
         """q (b, H, T, Dh), k, v (b, Hkv, T, Dh) pre-RoPE; input_pos (b, T); rows (b,) or None (all rows).
-        Returns (b, H, T, Dh). T > 1 is a prefill chunk; T == 1 is the SALS decode step below."""
+        Returns (b, H, T, Dh). T > 1 is a prefill chunk; T == 1 is the SALS decode step below: fused Triton kernels
+        on CUDA for all rows with layer selection, else (rows, the oracle, kv-head selection) this PyTorch reference.
+        With kv-head selection, idx and keep are (b, Hkv, k_max) and each KV head attends its own tokens."""
         b = torch.arange(q.shape[0], device=q.device) if rows is None else rows
         q_rope, k_rope = apply_rope(q, rope), apply_rope(k, rope)
         if q.shape[2] > 1:
             y = self.prefill(q_rope, k_rope, v, input_pos, b)
             self.write(b, k, k_rope, v, input_pos)
             return y
-        if rows is None and not self.oracle and (q.is_cuda if FUSED is None else FUSED):
+        if rows is None and not self.oracle and not self.per_head and (q.is_cuda if FUSED is None else FUSED):
             return self.fused_decode(q, q_rope, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
         self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
-        idx, keep = self.select(q, q_rope, input_pos, rows)  # 2-4. rank, top-k within the budget
+        idx, keep = self.select(q, q_rope, input_pos, rows)  # 2-4. rank, top-k within the budget; (b, [Hkv,] k)
         K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, idx)], 1)  # 5. (b, n, Hkv, Dh)
         V = torch.cat([self.sink_v[b], self.win_v[b], self.values(b, idx)], 1)
         sink_ok = torch.arange(self.n_sink, device=q.device) <= input_pos  # (b, n_sink)
-        mask = torch.cat([sink_ok, self.window_pos[b] >= 0, keep], 1)  # (b, n)
-        return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask[:, None])  # 6.
+        fixed = torch.cat([sink_ok, self.window_pos[b] >= 0], 1)  # (b, n_sink + window): every head attends them
+        fixed = fixed.view(len(b), *(1,) * (keep.dim() - 2), -1).expand(*keep.shape[:-1], -1)
+        mask = torch.cat([fixed, keep], -1)  # (b, [Hkv,] n)
+        return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask.unsqueeze(-2))  # 6.
 
     def fused_decode(self, q: Tensor, q_rope: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Steps 1-6 with the Triton kernels (all B rows): one kernel compresses and stores the new token, the
@@ -273,15 +287,21 @@ class SALSCache(nn.Module):
     def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
         """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];
         "expected-rope" ranking rotates the sums by expected_rotation first (the same map for every head, so
-        rotating the sum equals summing the rotated heads). q (b, H, 1, Dh), input_pos (b, 1)."""
+        rotating the sum equals summing the rotated heads). q (b, H, 1, Dh), input_pos (b, 1).
+        kv-head selection: (b, Hkv, r*), KV head h's sum alone, placed in its rows, q_sum_h @ U[h*Dh:(h+1)*Dh, :r*]
+        (the layer's query is the sum of these over h)."""
         q_sum = q[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
         if self.ranking == "expected-rope":
             rot = expected_rotation(self.inv_freq, input_pos, self.n_sink, self.window)  # (b, Dh/2, 2)
             q_sum = apply_rope(q_sum[:, :, None], rot[:, None])[:, :, 0]
+        if self.per_head:
+            U_h = self.U[:, :self.rs].unflatten(0, (self.n_kv_head, self.head_dim))  # (Hkv, Dh, r*)
+            return (q_sum[:, :, None] @ U_h)[:, :, 0]
         return q_sum.flatten(1) @ self.U[:, :self.rs]
 
     def scores(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> Tensor:
-        """Steps 2-3: the ranking score (b, S) of every cache position (unwritten ones are garbage).
+        """Steps 2-3: the ranking score (b, S) of every cache position (unwritten ones are garbage), (b, Hkv, S)
+        with kv-head selection.
         Latent: q_lat = latent_query(q, input_pos); with "pre-rope" ranking, q_lat . k_lat_j is exactly the sum
         over heads of the pre-RoPE q.k when r* = D, with "expected-rope" the mean of the post-RoPE one over the
         candidates' distances; oracle: the sum over heads of the true post-RoPE q.k."""
@@ -290,34 +310,44 @@ class SALSCache(nn.Module):
             q_sum = q_rope[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
             return torch.einsum("bshd,bhd->bs", k_full, q_sum)
         k_lat = self.k_lat_score if rows is None else self.k_lat_score[rows]  # (b, S, r*)
-        return (k_lat @ self.latent_query(q, input_pos)[:, :, None])[..., 0]
+        q_lat = self.latent_query(q, input_pos)  # (b, [Hkv,] r*)
+        s = k_lat[:, None] @ q_lat.view(len(k_lat), -1, self.rs, 1)  # (b, 1 or Hkv, S, 1)
+        return s.view(*q_lat.shape[:-1], -1)
 
     def select(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 4: positions (b, k_max) of the top compressed tokens sink <= j <= pos - window, and which of
-        them are attended (b, k_max): the first floor(sparsity * (pos+1)) - sink - window of each row."""
-        s = self.scores(q, q_rope, input_pos, rows)
-        j = torch.arange(s.shape[1], device=s.device)
-        return self.top(s.masked_fill((j < self.n_sink) | (j > input_pos - self.window), -math.inf), input_pos)
+        them are attended (b, k_max): the first floor(sparsity * (pos+1)) - sink - window of each row.
+        kv-head selection: (b, Hkv, k_max), each KV head's own top tokens within the same budget."""
+        s = self.scores(q, q_rope, input_pos, rows)  # (b, [Hkv,] S)
+        j = torch.arange(s.shape[-1], device=s.device)
+        pos = input_pos.view(len(s), *(1,) * (s.dim() - 1))  # (b, [1,] 1)
+        return self.top(s.masked_fill((j < self.n_sink) | (j > pos - self.window), -math.inf), input_pos)
 
     def top(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Top k_max of scores s (b, S) (-inf outside the candidates) and which are within each row's budget."""
+        """Top k_max of scores s (b, [Hkv,] S) (-inf outside the candidates) and which are within each row's budget."""
         return top_within_budget(s, input_pos, self.k_max, self.sparsity, self.n_sink, self.window)
 
     def keys(self, b: Tensor, idx: Tensor) -> Tensor:
         """Post-RoPE keys (n, k, Hkv, Dh) of positions idx (n, k) of rows b, rebuilt from their latents
-        and rotated at their ORIGINAL positions."""
-        lat = torch.cat([self.k_lat_score[b[:, None], idx], self.k_lat_rest[b[:, None], idx]], -1)  # (n, k, r)
-        k = (lat @ self.U.T).unflatten(-1, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
-        angles = idx[..., None].double() * self.inv_freq  # (n, k, Dh/2), the same float64 products as rope_table
+        and rotated at their ORIGINAL positions. idx (n, Hkv, k): each KV head's own positions, and each head
+        rebuilds only its own slice of D (lat @ U[h rows]^T), so the rebuild costs the same FLOPs."""
+        bi = b.view(-1, *(1,) * (idx.dim() - 1))
+        lat = torch.cat([self.k_lat_score[bi, idx], self.k_lat_rest[bi, idx]], -1)  # (n, [Hkv,] k, r)
+        if idx.dim() == 3:
+            k = lat @ self.U.unflatten(0, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
+        else:
+            k = (lat @ self.U.T).unflatten(-1, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
+        angles = idx[..., None].double() * self.inv_freq  # (n, [Hkv,] k, Dh/2), the same float64 products as rope_table
         return apply_rope(k, torch.stack([angles.cos(), angles.sin()], -1).float()).transpose(1, 2)
 
     def values(self, b: Tensor, idx: Tensor) -> Tensor:
-        """Values (n, k, Hkv, Dh) of positions idx (n, k) of rows b."""
-        v_q = self.v_q[b[:, None], idx]
-        if self.bits == 16:
-            return v_q
-        scale, zero = self.v_scale[b[:, None], idx], self.v_zero[b[:, None], idx]
-        return dequantize_values(v_q, scale, zero, self.bits, self.U.dtype)
+        """Values (n, k, Hkv, Dh) of positions idx (n, k) of rows b; idx (n, Hkv, k): head h's values of its own."""
+        at = (b[:, None], idx) if idx.dim() == 2 else \
+            (b[:, None, None], idx, torch.arange(self.n_kv_head, device=idx.device)[:, None])  # -> (n, Hkv, k, ...)
+        v = self.v_q[at]
+        if self.bits != 16:
+            v = dequantize_values(v, self.v_scale[at], self.v_zero[at], self.bits, self.U.dtype)
+        return v if idx.dim() == 2 else v.transpose(1, 2)
 
     def write(self, b: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor):
         """Stores tokens (b, T): latent key and quantized value of all; full-precision post-RoPE copies in

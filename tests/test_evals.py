@@ -190,6 +190,26 @@ def test_ranking_override_reaches_the_sals_caches(real, ranking):
         evals.parse_args(["--ranking", "post-rope"])
 
 
+def test_selection_override_reaches_the_sals_caches(real):
+    model, _, calib, tokens = real
+    a = evals.parse_args(["--methods", "sals-25", "streaming", "--selection", "kv-head"])
+    assert a.selection == "kv-head"
+    evals.setup_methods(model, a.methods, 1024, calib, {"selection": a.selection})
+    sals, stream = model.layers[5].attention.kv_cache.caches
+    assert sals.per_head and not stream.per_head  # a SALS preset override: streaming selects nothing
+    with pytest.raises(SystemExit):
+        evals.parse_args(["--selection", "query-head"])
+    # lossless, per-KV-head selection reproduces the single forward pass; lossy, it differs from the layer's
+    context, n = 200, 48
+    ref = full_forward_ppl(model, tokens, context, n)
+    res = evals.perplexity(model, calib, tokens, ["sals-25"], context, 1, n, {**EXACT, "selection": "kv-head"})
+    assert res["sals-25"]["ppl"] == pytest.approx(ref, rel=1e-4)
+    lossy = {m: evals.perplexity(model, calib, tokens, ["sals-25"], context, 1, n, {"selection": m, "sink": 4,
+                                                                                      "window": 8})["sals-25"]["ppl"]
+             for m in ("layer", "kv-head")}
+    assert abs(lossy["kv-head"] / lossy["layer"] - 1) > 1e-4, lossy
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Pass-key retrieval.
 

@@ -214,11 +214,13 @@ def long_question(shared_data, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("preset", ["0.25", "0.125"])
-def test_cli_sals_answers_paris_over_long_context(smollm2_dir, quick_calib, long_question, preset):
+@pytest.mark.parametrize("preset,selection", [("0.25", "layer"), ("0.125", "layer"), ("0.25", "kv-head")])
+def test_cli_sals_answers_paris_over_long_context(smollm2_dir, quick_calib, long_question, preset, selection):
     r = run_cli("--checkpoint", str(smollm2_dir), "--chat", "--prompt", f"@{long_question}", "--temperature", "0",
-                "--device", "cpu", "--max_new_tokens", "12", "--sals", preset, "--sals_calib", str(quick_calib))
+                "--device", "cpu", "--max_new_tokens", "12", "--sals", preset, "--sals_calib", str(quick_calib),
+                *(["--sals_selection", selection] if selection != "layer" else []))
     assert r.returncode == 0, r.stderr
+    assert f"{selection} selection" in r.stderr  # the default is the paper's
     if preset == "0.25":
         assert "Paris" in r.stdout
     ratio = float(r.stderr.split("KV cache allocated: ")[1].split(", ")[1].split(" of a dense")[0])
@@ -248,6 +250,8 @@ def test_cli_sals_refuses_calibration_of_another_model(smollm2_dir, quick_calib,
     (["--sals", "0.25", "--sals_value_bits", "3"], ["value_bits 3"]),
     (["--sals", "0.25", "--sals_dense_layers", "0,x"], ["--sals_dense_layers"]),
     (["--sals", "0.25", "--sals_dense_layers", "0,99"], ["dense_layers"]),
+    (["--sals", "0.25", "--sals_selection", "query-head"], ["--sals_selection"]),
+    (["--sals_selection", "kv-head"], ["needs --sals"]),
 ])
 def test_cli_sals_bad_flags(smollm2_dir, quick_calib, flags, words):
     assert_clean_error(run_cli("--checkpoint", str(smollm2_dir), "--sals_calib", str(quick_calib), "--device", "cpu",

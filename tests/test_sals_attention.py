@@ -353,6 +353,85 @@ def test_selected_keys_are_rotated_at_their_original_positions():
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-KV-head selection (selection="kv-head").
+
+@pytest.mark.parametrize("heads", [(6, 2), (3, 3)])  # GQA with G = 3, and MHA
+def test_kv_head_selection_equals_brute_force_per_head(heads):
+    """At full rank, r* = D, 16-bit values: each KV head h selects the top candidates by ITS pre-RoPE logits summed
+    over its G query heads (float64 brute force), and each query head's output is float64 attention over its KV
+    head's sinks, window and own selection, every key rotated at its original position. Rows of three lengths (9,
+    17, 30) decode side by side, so each row has its own budget."""
+    args = layer_args(*heads)
+    H, Hkv, Dh = heads[0], heads[1], 8
+    D, G = Hkv * Dh, H // Hkv
+    U = orthonormal(D, torch.Generator().manual_seed(3))
+    cfg = SALSConfig(rank=D, score_dims=D, value_bits=16, sparsity=0.3, sink=3, window=5, selection="kv-head")
+    checked, differ = [], []
+
+    def on_step(cache, q, y, pos, hist):
+        idx, keep = cache.select(q, None, pos, None)  # (b, Hkv, k_max)
+        assert idx.shape[:2] == (len(pos), Hkv)
+        for i in range(len(pos)):
+            p = int(pos[i])
+            n = math.floor(0.3 * (p + 1)) - 3 - 5
+            sinks, window = list(range(min(3, p + 1))), list(range(max(3, p - 4), p + 1))
+            chosen = []
+            for h in range(Hkv):
+                q_h = q[i, h * G:(h + 1) * G, 0].sum(0)  # (Dh,) pre-RoPE
+                score = {j: float(q_h @ hist[i][j][0][h]) for j in range(3, p - 5 + 1)}
+                sel = idx[i, h][keep[i, h]].tolist()
+                assert len(sel) == len(set(sel))
+                assert set(sel) == set(sorted(score, key=score.get, reverse=True)[:max(n, 0)])
+                chosen.append(set(sel))
+                attended = sinks + window + sel
+                assert len(set(attended)) == len(attended) == max(math.floor(0.3 * (p + 1)), min(p + 1, 8))
+                for g in range(G):
+                    qh = rope64(q[i, h * G + g, 0], p)
+                    logits = torch.stack([qh @ rope64(hist[i][j][0][h], j) for j in attended]) / math.sqrt(Dh)
+                    ref = logits.softmax(0) @ torch.stack([hist[i][j][1][h] for j in attended])
+                    torch.testing.assert_close(y[i, h * G + g, 0], ref, rtol=0, atol=1e-6)  # float32 RoPE table
+            checked.append(n)
+            differ.append(n > 0 and len({frozenset(c) for c in chosen}) > 1)
+    feed_layer(cfg, args, [9, 17, 30], 30, U, on_step)
+    assert max(checked) > 5 and min(checked) <= 0 and any(differ)  # heads really choose differently
+
+
+def test_kv_head_selection_with_one_kv_head_is_the_layer_selection():
+    """With a single KV head, its latent query is the layer's: the same tokens, the same outputs (low rank, r* < r)."""
+    args = layer_args(n_head=3, n_kv_head=1)
+    U = orthonormal(8, torch.Generator().manual_seed(6))
+    runs = {}
+    for selection in ("layer", "kv-head"):
+        steps = runs[selection] = []
+
+        def on_step(cache, q, y, pos, hist):
+            idx, keep = (t.view(len(pos), -1) for t in cache.select(q, None, pos, None))  # (b, k_max): one KV head
+            steps.append(([set(r[k].tolist()) for r, k in zip(idx, keep)], y))
+        cfg = SALSConfig(rank=6, score_dims=3, value_bits=16, sparsity=0.3, sink=3, window=5, selection=selection)
+        feed_layer(cfg, args, [9, 17, 30], 30, U, on_step)
+    assert sum(len(s) for sel, _ in runs["layer"] for s in sel) > 100
+    for (sel_l, y_l), (sel_h, y_h) in zip(runs["layer"], runs["kv-head"], strict=True):
+        assert sel_l == sel_h
+        torch.testing.assert_close(y_h, y_l, rtol=0, atol=1e-12)
+
+
+def test_kv_head_selection_never_takes_the_fused_path(monkeypatch):
+    """The Triton decode step selects one set per layer: with kv-head selection forward must stay on the reference
+    path even where the fused one is forced; with layer selection it is taken (so the check can fail)."""
+    import sals_attention
+
+    def fused_decode(*args):
+        raise RuntimeError("fused path taken")
+    monkeypatch.setattr(sals_attention, "FUSED", True)
+    monkeypatch.setattr(SALSCache, "fused_decode", fused_decode)
+    args, U = layer_args(), orthonormal(16, torch.Generator().manual_seed(3))
+    feed_layer(SALSConfig(rank=12, value_bits=16, sink=2, window=4, selection="kv-head"), args, [20], 3, U,
+               lambda *a: None)
+    with pytest.raises(RuntimeError, match="fused"):
+        feed_layer(SALSConfig(rank=12, value_bits=16, sink=2, window=4), args, [20], 3, U, lambda *a: None)
+
+
+# ---------------------------------------------------------------------------------------------
 # Memory.
 
 def test_bytes_allocated_counts_every_buffer():
@@ -418,6 +497,8 @@ def test_setup_sals_layer_types_and_bases():
     (dict(sink=-1), "sink >= 0"), (dict(window=0), "window >= 1"),
     (dict(dense_layers=(0, 4)), "dense_layers"), (dict(dense_layers=(-1,)), "dense_layers"),
     (dict(selector="random"), "selector"), (dict(ranking="post-rope"), "ranking 'post-rope'"),
+    (dict(selection="query-head"), "selection 'query-head'"),
+    (dict(selector="oracle", selection="kv-head"), "oracle-head"),
 ])
 def test_invalid_configs(kw, match):
     args = small_args(n_head=4, n_kv_head=2, head_dim=8)  # D = 16, 4 layers

@@ -22,7 +22,8 @@ from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies, rope
 GROUP = 32  # value channels sharing one scale and zero
 FUSED = None  # decode with the Triton kernels of kernels/: None = on CUDA tensors; True/False forces it (tests)
 # The longest cache whose fused step selects with the radix-select kernel (kernels/topk.py), torch.topk beyond: one
-# program per row, it took 16.7 us at 4K against torch.topk's 44.5, but 145 against 85-88 at 32K (H200, BENCHMARKS.md).
+# program per row, it took 17-18 us at 4K against torch.topk's 46, 89 against 116 at 16K, but 141-148 against 94-97
+# at 32K (H200, BENCHMARKS.md).
 SELECT_MAX_LEN = 16384
 
 # How a decode step ranks the compressed tokens: "pre-rope" by the RoPE-free q.k (the paper); "expected-rope" by
@@ -272,17 +273,12 @@ class SALSCache(nn.Module):
         from kernels.compress import compress_decode
         from kernels.latent_score import latent_scores
         from kernels.sals_decode import fused_decode
-        from kernels.topk import select_top
         if self.rope.device != q.device:
             raise ValueError(f"the RoPE table is on {self.rope.device} but the step runs on {q.device}: build the "
                              f"cache with rope=<the model's table on that device> (setup_sals does).")
         compress_decode(self, k, k_rope, v, input_pos)
         s = latent_scores(self.k_lat_score, self.latent_query(q, input_pos), input_pos, self.n_sink, self.window)
-        if s.shape[1] <= SELECT_MAX_LEN:
-            idx, keep = select_top(s, budget(input_pos, self.sparsity, self.n_sink, self.window)[:, 0], self.k_max)
-        else:
-            idx, keep = self.top(s, input_pos)
-        return fused_decode(self, q_rope, input_pos, idx, keep)
+        return fused_decode(self, q_rope, input_pos, *self.top_fused(s, input_pos))
 
     def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
         """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];
@@ -327,27 +323,33 @@ class SALSCache(nn.Module):
         """Top k_max of scores s (b, [Hkv,] S) (-inf outside the candidates) and which are within each row's budget."""
         return top_within_budget(s, input_pos, self.k_max, self.sparsity, self.n_sink, self.window)
 
+    def top_fused(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """self.top for the fused step, scores s (b, S): the radix-select kernel (the same set, no sort) up to
+        SELECT_MAX_LEN cache positions, torch.topk beyond, where it is the faster of the two."""
+        from kernels.topk import select_top
+        if s.shape[1] > SELECT_MAX_LEN:
+            return self.top(s, input_pos)
+        return select_top(s, budget(input_pos, self.sparsity, self.n_sink, self.window)[:, 0], self.k_max)
+
     def keys(self, b: Tensor, idx: Tensor) -> Tensor:
         """Post-RoPE keys (n, k, Hkv, Dh) of positions idx (n, k) of rows b, rebuilt from their latents
-        and rotated at their ORIGINAL positions. idx (n, Hkv, k): each KV head's own positions, and each head
-        rebuilds only its own slice of D (lat @ U[h rows]^T), so the rebuild costs the same FLOPs."""
-        bi = b.view(-1, *(1,) * (idx.dim() - 1))
-        lat = torch.cat([self.k_lat_score[bi, idx], self.k_lat_rest[bi, idx]], -1)  # (n, [Hkv,] k, r)
-        if idx.dim() == 3:
-            k = lat @ self.U.unflatten(0, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
-        else:
-            k = (lat @ self.U.T).unflatten(-1, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
-        angles = idx[..., None].double() * self.inv_freq  # (n, [Hkv,] k, Dh/2), the same float64 products as rope_table
+        and rotated at their ORIGINAL positions. idx (n, Hkv, k): each KV head's own positions. Each head rebuilds
+        only its own slice of D (lat @ U[h rows]^T), so per-head positions cost the rebuild no extra FLOPs."""
+        idx = idx if idx.dim() == 3 else idx[:, None]  # (n, 1 or Hkv, k)
+        bi = b[:, None, None]
+        lat = torch.cat([self.k_lat_score[bi, idx], self.k_lat_rest[bi, idx]], -1)  # (n, 1 or Hkv, k, r)
+        k = lat @ self.U.unflatten(0, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
+        angles = idx[..., None].double() * self.inv_freq  # (n, 1 or Hkv, k, Dh/2), the same products as rope_table
         return apply_rope(k, torch.stack([angles.cos(), angles.sin()], -1).float()).transpose(1, 2)
 
     def values(self, b: Tensor, idx: Tensor) -> Tensor:
         """Values (n, k, Hkv, Dh) of positions idx (n, k) of rows b; idx (n, Hkv, k): head h's values of its own."""
-        at = (b[:, None], idx) if idx.dim() == 2 else \
-            (b[:, None, None], idx, torch.arange(self.n_kv_head, device=idx.device)[:, None])  # -> (n, Hkv, k, ...)
+        idx = idx if idx.dim() == 3 else idx[:, None]  # (n, 1 or Hkv, k)
+        at = (b[:, None, None], idx, torch.arange(self.n_kv_head, device=idx.device)[:, None])  # -> (n, Hkv, k, ...)
         v = self.v_q[at]
         if self.bits != 16:
             v = dequantize_values(v, self.v_scale[at], self.v_zero[at], self.bits, self.U.dtype)
-        return v if idx.dim() == 2 else v.transpose(1, 2)
+        return v.transpose(1, 2)
 
     def write(self, b: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor):
         """Stores tokens (b, T): latent key and quantized value of all; full-precision post-RoPE copies in

@@ -197,15 +197,11 @@ def piece_us(cache: SALSCache, q, pos, rope) -> tuple[float, float, float]:
     fused attention (with combine), each alone."""
     from kernels.latent_score import latent_scores
     from kernels.sals_decode import fused_decode
-    from kernels.topk import select_top
     q_lat, q_rope = cache.latent_query(q, pos), apply_rope(q, rope)
     s = latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)
-    n = sals_attention.budget(pos, cache.sparsity, cache.n_sink, cache.window)[:, 0]
-    def select():  # as SALSCache.fused_decode does
-        return select_top(s, n, cache.k_max) if s.shape[1] <= sals_attention.SELECT_MAX_LEN else cache.top(s, pos)
-    idx, keep = select()
+    idx, keep = cache.top_fused(s, pos)
     return (graph_us(lambda: latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)),
-            graph_us(select),
+            graph_us(lambda: cache.top_fused(s, pos)),
             graph_us(lambda: fused_decode(cache, q_rope, pos, idx, keep)))
 
 

@@ -31,10 +31,10 @@ POINTERS = dict(q_ptr="*bf16", sink_k_ptr="*bf16", sink_v_ptr="*bf16", win_k_ptr
 SHAPES = {"mha": dict(G=1, RS=256, RR=256), "gqa": dict(G=4, RS=64, RR=64)}
 
 
-def compile_sm90(cfg: dict, G: int, RS: int, RR: int, BITS: int = 2):
-    """The kernel compiled for sm_90 with launch settings cfg (as in sals_decode.CONFIGS), BITS-bit values."""
+def compile_sm90(cfg: dict, G: int, RS: int, RR: int):
+    """The kernel compiled for sm_90 with launch settings cfg (as in sals_decode.CONFIGS)."""
     fn = sals_decode._sals_decode_kernel
-    consts = dict(qk_scale=128 ** -0.5 * math.log2(math.e), G=G, HD=128, N_SINK=16, W=64, RS=RS, RR=RR, BITS=BITS,
+    consts = dict(qk_scale=128 ** -0.5 * math.log2(math.e), G=G, HD=128, N_SINK=16, W=64, RS=RS, RR=RR, BITS=2,
                   TPS=4 * cfg["block_n"], HEADS=cfg["heads"], BLOCK_Q=max(16, triton.next_power_of_2(cfg["heads"] * G)),
                   BLOCK_N=cfg["block_n"], BLOCK_R=sals_decode.latent_block(RS, RR, cfg["block_r"]), PREC="tf32")
     names = fn.arg_names

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # may overwrite these before it compiles a step. heads: KV heads per program; split_blocks: token blocks per
 # selection split (None: enough splits for ~4 programs per SM).
 # The fastest of the sweep on the H200 (bench/NOTES.md, 2026-12-01, fourth version): MHA 129.7 us at Llama-2 4K B=8
-# (4 warps; 8 warps 164.5); GQA 144.4 us at Mistral 32K B=8 (one 64-token block per split, unpipelined: 2 programs
-# per SM; pipelined, 140 KB of shared memory leaves one: 155.8-187.3).
+# (4 warps; 8 warps 164.5); GQA 144.4 us at Mistral 32K B=8 with one 64-token block per split, unpipelined (offline
+# compile: 250 registers, 70 KB of shared memory), against 155.8-187.3 pipelined (140 KB: one program per SM).
 CONFIGS = {
     "mha": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
     "gqa": dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=1),

@@ -21,10 +21,6 @@ from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies, rope
 
 GROUP = 32  # value channels sharing one scale and zero
 FUSED = None  # decode with the Triton kernels of kernels/: None = on CUDA tensors; True/False forces it (tests)
-# The longest cache whose fused step selects with the radix-select kernel (kernels/topk.py), torch.topk beyond: one
-# program per row, it took 17-18 us at 4K against torch.topk's 46, 89 against 116 at 16K, but 141-148 against 94-97
-# at 32K (H200, BENCHMARKS.md).
-SELECT_MAX_LEN = 16384
 
 # How a decode step ranks the compressed tokens: "pre-rope" by the RoPE-free q.k (the paper); "expected-rope" by
 # q.k with q rotated by RoPE's rotation averaged over the candidates' distances (expected_rotation).
@@ -220,6 +216,8 @@ class SALSCache(nn.Module):
             "sink_k": full(cfg.sink), "sink_v": full(cfg.sink),  # post-RoPE, positions < sink
             "win_k": full(cfg.window), "win_v": full(cfg.window),  # post-RoPE ring
             "window_pos": torch.full((B, cfg.window), -1, dtype=torch.int32),  # position in each slot, -1 empty
+            # budget() of every position, looked up by the fused step: one gather instead of ~7 tiny float64 kernels
+            "n_attend": budget(torch.arange(S)[:, None], cfg.sparsity, cfg.sink, cfg.window)[:, 0].int(),
             "k_full": full(S) if self.oracle else None,  # oracle only: exact post-RoPE keys for the ranking
         }
         for name, t in buffers.items():
@@ -266,8 +264,7 @@ class SALSCache(nn.Module):
 
     def fused_decode(self, q: Tensor, q_rope: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Steps 1-6 with the Triton kernels (all B rows): one kernel compresses and stores the new token, the
-        scoring kernel, a radix select of each row's budget (the same set as self.top, without its sort; torch.topk
-        past SELECT_MAX_LEN), one
+        scoring kernel, a radix select of each row's budget (the same set as self.top, without its sort), one
         fused kernel that rebuilds, rotates and attends without writing keys to memory. Imported here so that
         importing this module never initializes Triton (its interpreter mode is fixed when a kernel is defined)."""
         from kernels.compress import compress_decode
@@ -324,12 +321,9 @@ class SALSCache(nn.Module):
         return top_within_budget(s, input_pos, self.k_max, self.sparsity, self.n_sink, self.window)
 
     def top_fused(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """self.top for the fused step, scores s (b, S): the radix-select kernel (the same set, no sort) up to
-        SELECT_MAX_LEN cache positions, torch.topk beyond, where it is the faster of the two."""
+        """self.top for the fused step, scores s (b, S): the radix-select kernel, the same set without a sort."""
         from kernels.topk import select_top
-        if s.shape[1] > SELECT_MAX_LEN:
-            return self.top(s, input_pos)
-        return select_top(s, budget(input_pos, self.sparsity, self.n_sink, self.window)[:, 0], self.k_max)
+        return select_top(s, self.n_attend[input_pos[:, 0]], self.k_max)
 
     def keys(self, b: Tensor, idx: Tensor) -> Tensor:
         """Post-RoPE keys (n, k, Hkv, Dh) of positions idx (n, k) of rows b, rebuilt from their latents

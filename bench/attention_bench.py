@@ -193,7 +193,7 @@ def bench_config(shape: str, S: int, B: int, fractions, eager: bool, reference: 
 
 
 def piece_us(cache: SALSCache, q, pos, rope) -> tuple[float, float, float]:
-    """Microseconds of the scoring kernel, the selection (radix select, or torch.topk past SELECT_MAX_LEN) and the
+    """Microseconds of the scoring kernel, the selection (radix select) and the
     fused attention (with combine), each alone."""
     from kernels.latent_score import latent_scores
     from kernels.sals_decode import fused_decode

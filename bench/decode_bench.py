@@ -88,7 +88,7 @@ def fill_sals(cache: SALSCache, prompt: int):
     sinks and window, packed values (random bytes) with small positive scales and zeros, and the window ring
     holding positions prompt-W..prompt-1 in their slots (pos - sink) % W, as SALSCache.write leaves them."""
     for name, t in cache.named_buffers():
-        if name in ("U", "inv_freq"):  # the basis and the RoPE frequencies are set at allocation
+        if name in ("U", "inv_freq", "n_attend"):  # the basis, RoPE frequencies and budgets are set at allocation
             continue
         if name == "window_pos":
             pos = torch.arange(max(cache.n_sink, prompt - cache.window), prompt, device=t.device)

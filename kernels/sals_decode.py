@@ -10,7 +10,7 @@ model's float32 (cos, sin) table, and never written to memory; values are dequan
 The G query heads of each KV head are the rows of one block-diagonal query matrix (row r holds its
 head's channels, zeros elsewhere), so q.k and p.v stay tensor-core dots of >= 16 rows whatever G is
 (the padding costs ~6% of the rebuild's FLOPs at MHA). Online softmax in float32, base 2; each split
-writes a partial (max, sum, acc) and torch ops combine the splits.
+writes a partial (max, sum, acc) and a second, small kernel combines the splits.
 
     python kernels/sals_decode.py          # micro-benchmark on a GPU (Llama-2-7B / Mistral-7B layers, SALS-12.5%)
 """
@@ -181,6 +181,33 @@ def _sals_decode_kernel(
     tl.store(acc_ptr + (out[:, None] * n_split + split) * HD + cv[None, :] % HD, acc, mask=own_v)
 
 
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, N: tl.constexpr, N_P: tl.constexpr, HD: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """combine_splits for row (b, h) of the partials: the N splits' acc and l weighted by exp2(m - max)."""
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.arange(0, N_P)
+    m_max = tl.max(tl.load(m_ptr + row * N + n, mask=n < N, other=float("-inf")), 0)  # finite: split 0 has the token
+    d = tl.arange(0, HD)
+    num = tl.zeros([HD], tl.float32)
+    den = tl.zeros([], tl.float32)
+    for n0 in range(0, N, BLOCK):  # BLOCK splits at a time: all of them at once would not fit in registers
+        n = n0 + tl.arange(0, BLOCK)
+        w = tl.exp2(tl.load(m_ptr + row * N + n, mask=n < N, other=float("-inf")) - m_max)  # (BLOCK,)
+        den += tl.sum(w * tl.load(l_ptr + row * N + n, mask=n < N, other=0.0), 0)
+        acc = tl.load(acc_ptr + (row * N + n)[:, None] * HD + d[None, :], mask=(n < N)[:, None], other=0.0)
+        num += tl.sum(acc * w[:, None], 0)
+    tl.store(out_ptr + row * HD + d, (num / den).to(out_ptr.dtype.element_ty))
+
+
+def launch_combine(m: Tensor, l: Tensor, acc: Tensor, out: Tensor):
+    """combine_splits of the partials m, l (B, H, n), acc (B, H, n, Dh) into out (B, H, Dh), in one kernel."""
+    B, H, N, HD = acc.shape
+    assert m.is_contiguous() and l.is_contiguous() and acc.is_contiguous() and out.is_contiguous()
+    torch.library.wrap_triton(_combine_kernel)[(B * H,)](m, l, acc, out, N, triton.next_power_of_2(N), HD,
+                                                         BLOCK=16, num_warps=4 if acc.is_cuda else 1)
+
+
 @torch.library.triton_op("sals::decode_attention", mutates_args=())
 def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, win_k: Tensor, win_v: Tensor, window_pos: Tensor,
                      input_pos: Tensor, idx: Tensor, keep: Tensor, k_lat_score: Tensor, k_lat_rest: Tensor,
@@ -201,7 +228,9 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, win_k: Tensor, w
     acc = torch.empty(B, H, 1 + n_sel, HD, dtype=torch.float32, device=q.device)
     launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, keep, k_lat_score, k_lat_rest, U,
                   rope, v_q, v_scale, v_zero, bits, m, l, acc, cfg)
-    return combine_splits(m, l, acc).to(q.dtype)
+    out = torch.empty_like(q)
+    launch_combine(m, l, acc, out)
+    return out
 
 
 def decode_config(G: int, is_cuda: bool) -> dict:

@@ -45,7 +45,8 @@ def sals_bytes(B: int, S: int, rank: int, bits: int, Hkv: int = 2, Dh: int = 32)
     """Every buffer of the tiny shape's caches (float32): 3 dense layers and 2 SALS layers, from SALS.md's layout."""
     per_layer = (Hkv * Dh * rank * 4 + Dh // 2 * 8  # U, RoPE frequencies (float64)
                  + B * S * (rank * 4 + Hkv * Dh * bits // 8 + 2 * Hkv * Dh // 32 * 2)  # latents, values, scale+zero
-                 + 2 * B * (SINK + WINDOW) * Hkv * Dh * 4 + B * WINDOW * 4)  # sinks and window (K, V), window_pos
+                 + 2 * B * (SINK + WINDOW) * Hkv * Dh * 4 + B * WINDOW * 4  # sinks and window (K, V), window_pos
+                 + S * 4)  # the budget of every position (int32)
     return dense_bytes(B, S, L=3) + 2 * per_layer
 
 
@@ -97,9 +98,9 @@ def test_synthetic_prefill_attends_the_whole_budget(method):
     caches = [layer.attention.kv_cache for layer in model.layers]
     sals = [c for c in caches if isinstance(c, SALSCache)]
     assert len(sals) == 2
-    for c in caches:  # every buffer written (U, the frequencies and window_pos checked below)
+    for c in caches:  # every buffer written (U, the frequencies and window_pos checked below; budgets are set once)
         for name, t in c.named_buffers():
-            if name not in ("U", "inv_freq", "window_pos"):
+            if name not in ("U", "inv_freq", "window_pos", "n_attend"):
                 assert (t != 0).float().mean() > 0.9, name
     for c in sals:
         assert torch.allclose(c.U.double().T @ c.U.double(), torch.eye(c.U.shape[1], dtype=torch.float64), atol=1e-5)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sals_attention
-from bench.attention_bench import kernel_errors, random_cache
+from bench.attention_bench import kernel_errors, random_cache, rel_err
 from model import ModelArgs, Transformer, rope_table
 from sals_attention import SALSCache, SALSConfig, setup_sals
 
@@ -123,6 +123,25 @@ def check_decode_kernel_launch_variants(cfg, n_head, n_kv_head):
     n_split = 1 + sals_decode.split_count(cache.k_max, programs, cfg)
     err = kernel_errors(cache, *step, cfg=cfg, n_split=n_split)
     assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["attention"] < 1e-5, (err, n_split)
+
+
+@pytest.mark.parametrize("n", [1, 5, 37])
+def check_combine_splits(n):
+    """The split-combine kernel against float64 brute force, in the model's dtype: 1 split, fewer and more than
+    its 16-split block; empty splits (max -inf, sum 0, as the decode kernel leaves them) weigh nothing."""
+    from kernels.sals_decode import launch_combine
+    gen = torch.Generator().manual_seed(n)
+    B, H, Dh = 2, 3, 64
+    m = torch.randn(B, H, n, generator=gen) * 4
+    m[:, :, 1::3] = -math.inf  # empty splits (never split 0, which holds the new token)
+    l = torch.rand(B, H, n, generator=gen) * 10 + 1
+    l[m == -math.inf] = 0
+    acc = torch.randn(B, H, n, Dh, generator=gen)
+    out = torch.full((B, H, Dh), float("nan"), dtype=torch.float16)
+    launch_combine(m, l, acc, out)
+    w = torch.exp2(m.double() - m.double().amax(-1, keepdim=True))
+    ref = (acc.double() * w[..., None]).sum(2) / (l.double() * w).sum(2)[..., None]
+    assert rel_err(out, ref) < 1e-3  # float16 rounding of the output (2^-11)
 
 
 def check_dispatched_decode_equals_reference_model():
@@ -317,7 +336,7 @@ def test_sals_layers_share_the_models_rope_table():
         SALSCache(SALSConfig(rank=32).resolve(args, 128), args, 1, 300, torch.zeros(128, 32), rope_table(args, 200))
 
 
-N_CHILD_TESTS = 9 + 4 + len(CASES) + 3 + 2 * len(VARIANTS) + 3 * len(COMPRESS_CASES) + 1
+N_CHILD_TESTS = 9 + 4 + len(CASES) + 3 + 3 + 2 * len(VARIANTS) + 3 * len(COMPRESS_CASES) + 1
 if CHILD:  # the child collects the checks as tests, and not the launcher
     assert os.environ.get("TRITON_INTERPRET") == "1"
     del test_kernels_in_triton_interpreter, test_sals_layers_share_the_models_rope_table  # parent-only tests

@@ -445,6 +445,7 @@ def test_bytes_allocated_counts_every_buffer():
             expect = (D * 40 * 2 + Dh // 2 * 8  # U, inverse frequencies
                       + B * S * 40 * 2 + B * S * Hkv * v_bytes  # latents, values + scales + zeros
                       + 2 * B * (5 + 7) * Hkv * Dh * 2 + B * 7 * 4  # sinks, window, window_pos
+                      + S * 4  # n_attend: the budget at each position
                       + (B * S * Hkv * Dh * 2 if selector == "oracle" else 0))
             assert cache.bytes_allocated() == expect
             assert cache.bytes_allocated() == sum(t.untyped_storage().nbytes() for t in cache.buffers())
@@ -461,9 +462,10 @@ def test_llama2_layer_bytes_match_the_paper(fraction, per_token):
         size = {S: SALSCache(cfg, args, 1, S, torch.empty(4096, cfg.rank, dtype=torch.bfloat16)).bytes_allocated()
                 for S in (2048, 4096)}
         dense = KVCache(1, 4096, 32, 128, torch.bfloat16).bytes_allocated()
-    assert (size[4096] - size[2048]) / 2048 == per_token and dense / 4096 == 16384
+    table = 4  # n_attend's int32 per position, for all the rows of the batch
+    assert (size[4096] - size[2048]) / 2048 == per_token + table and dense / 4096 == 16384
     overhead = 4096 * cfg.rank * 2 + 2 * (16 + 64) * 4096 * 2 + 64 * 4 + 64 * 8  # U, sinks + window, positions, freqs
-    assert size[4096] == 4096 * per_token + overhead
+    assert size[4096] == 4096 * (per_token + table) + overhead
     if fraction == 0.125:
         assert round(16384 / per_token, 1) == 6.4
 

@@ -245,13 +245,14 @@ class SALSCache(nn.Module):
         on CUDA for all rows with layer selection, else (rows, the oracle, kv-head selection) this PyTorch reference.
         With kv-head selection, idx and keep are (b, Hkv, k_max) and each KV head attends its own tokens."""
         b = torch.arange(q.shape[0], device=q.device) if rows is None else rows
-        q_rope, k_rope = apply_rope(q, rope), apply_rope(k, rope)
+        k_rope = apply_rope(k, rope)
         if q.shape[2] > 1:
-            y = self.prefill(q_rope, k_rope, v, input_pos, b)
+            y = self.prefill(apply_rope(q, rope), k_rope, v, input_pos, b)
             self.write(b, k, k_rope, v, input_pos)
             return y
         if rows is None and not self.oracle and not self.per_head and (q.is_cuda if FUSED is None else FUSED):
-            return self.fused_decode(q, q_rope, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
+            return self.fused_decode(q, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
+        q_rope = apply_rope(q, rope)
         self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
         idx, keep = self.select(q, q_rope, input_pos, rows)  # 2-4. rank, top-k within the budget; (b, [Hkv,] k)
         K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, idx)], 1)  # 5. (b, n, Hkv, Dh)
@@ -262,7 +263,7 @@ class SALSCache(nn.Module):
         mask = torch.cat([fixed, keep], -1)  # (b, [Hkv,] n)
         return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask.unsqueeze(-2))  # 6.
 
-    def fused_decode(self, q: Tensor, q_rope: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
+    def fused_decode(self, q: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Steps 1-6 with the Triton kernels (all B rows): one kernel compresses and stores the new token, the
         scoring kernel, a radix select of each row's budget (the same set as self.top, without its sort), one
         fused kernel that rebuilds, rotates and attends without writing keys to memory. Imported here so that
@@ -275,7 +276,7 @@ class SALSCache(nn.Module):
                              f"cache with rope=<the model's table on that device> (setup_sals does).")
         compress_decode(self, k, k_rope, v, input_pos)
         s = latent_scores(self.k_lat_score, self.latent_query(q, input_pos), input_pos, self.n_sink, self.window)
-        return fused_decode(self, q_rope, input_pos, *self.top_fused(s, input_pos))
+        return fused_decode(self, q, input_pos, *self.top_fused(s, input_pos))  # q rotated in the kernel
 
     def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
         """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];

@@ -97,7 +97,7 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None =
     n_split = n_split or 1 + max(1, math.ceil(idx.shape[1] / 32))  # the selection in several splits
     m, l, acc = poisoned(B, H, n_split, device=q.device), poisoned(B, H, n_split, device=q.device), \
         poisoned(B, H, n_split, Dh, device=q.device)
-    launch_decode(q_rope[:, :, 0].contiguous(), cache.sink_k, cache.sink_v, cache.win_k, cache.win_v,
+    launch_decode(q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v,
                   cache.window_pos, input_pos, idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U,
                   cache.rope, cache.v_q, cache.v_scale, cache.v_zero, cache.bits, m, l, acc, cfg)
     assert not (m.isnan().any() or l.isnan().any() or acc.isnan().any()), "a partial was left unwritten"
@@ -192,17 +192,33 @@ def bench_config(shape: str, S: int, B: int, fractions, eager: bool, reference: 
     return rows
 
 
+def warm(configs, fractions, compiled: bool) -> None:
+    """One step of each (shape, S, B) config and fraction, untimed: Triton compiles each kernel variant the config
+    needs (its constexprs follow S, B and the shape) into its on-disk cache, as does inductor for the compiled step.
+    gpu_sals.sh runs several of these processes side by side before a timing run, which then only loads them."""
+    for shape, S, B in configs:
+        H, Hkv = SHAPES[shape]
+        for fraction in fractions:
+            torch._dynamo.reset()
+            cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, fraction, device="cuda", seed=S + B)
+            with torch.no_grad():
+                (torch.compile(cache, fullgraph=True) if compiled else cache)(q, k, v, pos, rope)
+            del cache
+            torch.cuda.empty_cache()
+        print(f"warm: {shape} {S} {B}", flush=True)
+
+
 def piece_us(cache: SALSCache, q, pos, rope) -> tuple[float, float, float]:
     """Microseconds of the scoring kernel, the selection (radix select) and the
     fused attention (with combine), each alone."""
     from kernels.latent_score import latent_scores
     from kernels.sals_decode import fused_decode
-    q_lat, q_rope = cache.latent_query(q, pos), apply_rope(q, rope)
+    q_lat = cache.latent_query(q, pos)
     s = latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)
     idx, keep = cache.top_fused(s, pos)
     return (graph_us(lambda: latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)),
             graph_us(lambda: cache.top_fused(s, pos)),
-            graph_us(lambda: fused_decode(cache, q_rope, pos, idx, keep)))
+            graph_us(lambda: fused_decode(cache, q, pos, idx, keep)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +315,7 @@ def sweep(shape: str, S: int, B: int) -> list[str]:
     idx, keep = cache.top(latent_scores(cache.k_lat_score, cache.latent_query(q, pos), pos, cache.n_sink, cache.window), pos)
     ref = sd.decode_attention_reference(cache, q_rope, pos, idx, keep)
     flop = 2 * int(keep.sum()) * cache.U.numel()
-    args = (q_rope[:, :, 0].contiguous(), cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, pos,
+    args = (q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, pos,
             idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q, cache.v_scale,
             cache.v_zero, cache.bits)
     rows, best = [], None
@@ -414,6 +430,8 @@ def main(argv=None):
     p.add_argument("--eager", action="store_true",
                    help="do not torch.compile the step (inductor fuses the new token's ~30 small write ops)")
     p.add_argument("--check", action="store_true", help="check the kernels against the reference, then exit")
+    p.add_argument("--warm", action="store_true",
+                   help="one untimed step per config and fraction (fills Triton's and inductor's on-disk caches)")
     p.add_argument("--fast", action="store_true", help="short check, launch-setting sweep, six shapes (see fast())")
     p.add_argument("--profile", nargs="+", metavar="SHAPE:S:B", help="kernel-level times of the step (torch.profiler)")
     p.add_argument("--sweep", nargs="+", metavar="SHAPE:S:B",
@@ -446,6 +464,8 @@ def main(argv=None):
             assert all(shape in SHAPES for shape, _, _ in configs)
         except (IndexError, ValueError, AssertionError):
             sys.exit(f"--configs takes SHAPE:S:B items with SHAPE in {sorted(SHAPES)}, e.g. llama-2-7b:4096:16")
+    if args.warm:
+        return warm(configs, args.fraction, compiled=not args.eager)
     rows = []
     for shape, S, B in configs:
         new = bench_config(shape, S, B, args.fraction, args.eager)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call (< 8 min): the SALS Triton kernels checked against the PyTorch reference at real sizes, then
 # one layer timed against SDPA flash. Logs in $OUT; the markdown table is printed last (see bench/NOTES.md).
-# `bash bench/gpu_sals.sh grid`: the radix select against torch.topk, then SALS-12.5% and 25% against SDPA at the shapes
-# the issue's targets name (B = 16, 8 at 4K; 32K) with kernels/sals_decode.CONFIGS (the sweep: --sweep, or `fast`).
+# `bash bench/gpu_sals.sh grid` (~8 min on an H200): the check, the radix select against torch.topk, then SALS-12.5% and
+# 25% against SDPA at every cell of issue 4's grid (S 4K-32K, B 1, 8, 16, both shapes), the step eager in a CUDA graph,
+# and compiled (torch.compile, then a graph) at the cells the targets name; kernels compiled beforehand in parallel.
 # `bash bench/gpu_sals.sh fast` (< 8 min on a warm H100): the kernels checked at two real sizes, the fused kernel's
 # launch-setting sweep (fastest variant kept), then SALS-12.5% (Triton and PyTorch reference) vs SDPA at six shapes (bench/attention_bench.py --fast).
 set -o pipefail
@@ -10,15 +11,32 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-if [ "${1:-}" = grid ]; then  # ~4.5 min on a warm H200 (BENCHMARKS.md, 2026-12-01): select, then the target cells
-  timeout 45 python kernels/topk.py 2>&1 | grep -v Warning | tee "$OUT/select.log"
-  timeout 170 python bench/attention_bench.py --fraction 0.125 --configs llama-2-7b:4096:16 llama-2-7b:4096:8 \
-      llama-2-7b:32768:8 mistral-7b:4096:16 mistral-7b:4096:8 mistral-7b:32768:8 2>&1 | grep -v Warning > "$OUT/grid125.log"
-  echo "grid125 exit status: $? (124 = ran out of time)"
-  timeout 90 python bench/attention_bench.py --fraction 0.25 --configs llama-2-7b:4096:16 mistral-7b:4096:8 \
-      mistral-7b:32768:8 2>&1 | grep -v Warning > "$OUT/grid25.log"
-  echo "grid25 exit status: $? (124 = ran out of time)"
-  grep -h "^| " "$OUT/grid125.log" "$OUT/grid25.log" | grep -v "^| shape\|^| ---" | sort -u
+# warm N eager|compiled CONFIGS...: attention_bench.py --warm over the configs (SHAPE:S:B words) split into N processes side by
+# side, so the timing runs after it load every Triton / inductor kernel from disk instead of compiling it; stops the
+# script if any of them failed (a kernel that does not compile on this GPU fails here, in seconds).
+warm() { local n=$1 mode=$2; shift 2; local items=("$@") p i pids=()
+         for ((p = 0; p < n; p++)); do sub=(); for ((i = p; i < ${#items[@]}; i += n)); do sub+=("${items[i]}"); done
+             [ ${#sub[@]} -gt 0 ] || continue
+             flag=""; [ "$mode" = eager ] && flag=--eager
+             timeout 400 python bench/attention_bench.py --warm $flag --configs "${sub[@]}" > "$OUT/warm_$mode$p.log" 2>&1 &
+             pids+=($!); done
+         local bad=0; for p in "${pids[@]}"; do wait "$p" || bad=1; done
+         if [ $bad = 1 ]; then echo "warm-up failed:"; grep -h -B2 -A12 Traceback "$OUT"/warm_*.log | tail -60; exit 1; fi; }
+if [ "${1:-}" = grid ]; then  # the whole one-layer grid of issue 4, eager step in a CUDA graph; compiled at the targets
+  cells=(); for shape in llama-2-7b mistral-7b; do for S in 4096 8192 16384 32768; do for B in 1 8 16; do
+      cells+=("$shape:$S:$B"); done; done; done
+  targets=(llama-2-7b:4096:16 llama-2-7b:4096:8 llama-2-7b:32768:8 mistral-7b:4096:16 mistral-7b:4096:8 mistral-7b:32768:8)
+  timeout 200 python bench/attention_bench.py --check 2>&1 | grep -v Warning > "$OUT/check.log" &
+  check_pid=$!
+  warm 12 eager "${cells[@]}"
+  warm 6 compiled "${targets[@]}"
+  wait $check_pid; echo "check exit status $? (0 = every kernel and step within tolerance)"; cat "$OUT/check.log"
+  timeout 60 python kernels/topk.py 2>&1 | grep -v Warning | tee "$OUT/select.log"
+  timeout 300 python bench/attention_bench.py --eager --configs "${cells[@]}" 2>&1 | grep -v Warning > "$OUT/grid_eager.log"
+  echo "grid_eager exit status: $? (124 = ran out of time)"
+  timeout 150 python bench/attention_bench.py --configs "${targets[@]}" 2>&1 | grep -v Warning > "$OUT/grid_compiled.log"
+  echo "grid_compiled exit status: $? (124 = ran out of time)"
+  for log in grid_eager.log grid_compiled.log; do echo "== $log"; grep "^| " "$OUT/$log" | grep -v "^| shape\|^| ---" | sort -u; done
   exit 0
 fi
 if [ "${1:-}" = fast ]; then

@@ -1,4 +1,5 @@
-"""Registers, spills and shared memory of the fused SALS decode kernel on sm_90, compiled offline (no GPU needed).
+"""Registers, spills and shared memory of the SALS kernels on sm_90, compiled offline (no GPU needed): the fused decode
+kernel in every launch-setting variant, then the radix select's and the split combine's kernels.
 
     python bench/kernel_report.py                 # every launch-setting variant of attention_bench.SWEEP
     python bench/kernel_report.py --ttgir out.mlir   # also writes the first variant's TTGIR (look for tt.load:
@@ -22,7 +23,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.attention_bench import SWEEP  # noqa: E402
-from kernels import sals_decode  # noqa: E402
+from kernels import sals_decode, topk  # noqa: E402
 
 POINTERS = dict(q_ptr="*bf16", sink_k_ptr="*bf16", sink_v_ptr="*bf16", win_k_ptr="*bf16", win_v_ptr="*bf16",
                 win_pos_ptr="*i32", pos_ptr="*i64", idx_ptr="*i64", keep_ptr="*i1", kls_ptr="*bf16", klr_ptr="*bf16",
@@ -31,18 +32,34 @@ POINTERS = dict(q_ptr="*bf16", sink_k_ptr="*bf16", sink_v_ptr="*bf16", win_k_ptr
 SHAPES = {"mha": dict(G=1, RS=256, RR=256), "gqa": dict(G=4, RS=64, RR=64)}
 
 
+# the other kernels of a step at Mistral-7B 32K, B=8 (S = 32768 + 32, k = 4020, 65 splits): name, pointer types, constexprs
+OTHERS = [(topk._histogram_kernel, dict(s_ptr="*fp32", n_ptr="*i32", hist_ptr="*i32"),
+           dict(S=32800, K=4020, CHUNK=topk.CHUNK, PASS=p)) for p in range(4)] + [
+    (topk._count_kernel, dict(s_ptr="*fp32", n_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32"),
+     dict(S=32800, K=4020, CHUNK=topk.CHUNK, N_CHUNK=33)),
+    (topk._write_kernel, dict(s_ptr="*fp32", n_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", idx_ptr="*i64",
+                              keep_ptr="*i1"), dict(S=32800, K=4020, CHUNK=topk.CHUNK, N_CHUNK=33, N_POW=64, K_PER=122)),
+    (sals_decode._combine_kernel, dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16"),
+     dict(N=65, N_P=128, HD=128, BLOCK=16))]
+
+
 def compile_sm90(cfg: dict, G: int, RS: int, RR: int):
-    """The kernel compiled for sm_90 with launch settings cfg (as in sals_decode.CONFIGS)."""
-    fn = sals_decode._sals_decode_kernel
+    """The fused kernel compiled for sm_90 with launch settings cfg (as in sals_decode.CONFIGS)."""
     consts = dict(qk_scale=128 ** -0.5 * math.log2(math.e), G=G, HD=128, N_SINK=16, W=64, RS=RS, RR=RR, BITS=2,
                   TPS=4 * cfg["block_n"], HEADS=cfg["heads"], BLOCK_Q=max(16, triton.next_power_of_2(cfg["heads"] * G)),
                   BLOCK_N=cfg["block_n"], BLOCK_R=sals_decode.latent_block(RS, RR, cfg["block_r"]), PREC="tf32")
+    return compile_kernel(sals_decode._sals_decode_kernel, POINTERS, consts, cfg["num_warps"], cfg["num_stages"],
+                          aligned_ints=("R",))
+
+
+def compile_kernel(fn, pointers: dict, consts: dict, num_warps: int = 4, num_stages: int = 3, aligned_ints=()):
+    """fn compiled for sm_90: pointers (name: Triton type) 16-byte aligned, consts the constexprs, the rest int32."""
     names = fn.arg_names
-    signature = {n: POINTERS.get(n, "constexpr" if n in consts else "i32") for n in names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in POINTERS or n == "R"}
+    signature = {n: pointers.get(n, "constexpr" if n in consts else "i32") for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in pointers or n in aligned_ints}
     src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
+                                                                                num_stages=num_stages))
 
 
 def ptxas_report(ptx: str) -> str:
@@ -66,6 +83,10 @@ def main(argv=None):
                 args.ttgir.write_text(k.asm["ttgir"])
             name = " ".join(f"{key}={val}" for key, val in cfg.items())
             print(f"{family} {name}: {k.metadata.shared} B shared; {ptxas_report(k.asm['ptx'])}", flush=True)
+    for fn, pointers, consts in OTHERS:
+        k = compile_kernel(fn, pointers, consts)
+        name = " ".join(f"{key}={val}" for key, val in consts.items())
+        print(f"{fn.__name__} {name}: {k.metadata.shared} B shared; {ptxas_report(k.asm['ptx'])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ not attention, is the work). Split 0 attends over the full-precision sinks and w
 its share of the selected tokens, whose keys are rebuilt from the latent rows
 (k_lat_score | k_lat_rest)[idx] @ U[rows of these heads]^T as two halves k1, k2 (BLOCK_N, heads * Dh/2)
 (rotate-half RoPE pairs channel i with i + Dh/2), rotated at each token's original position with the
-model's float32 (cos, sin) table, and never written to memory; values are dequantized on the fly.
+model's float32 (cos, sin) table, and never written to memory; values are dequantized on the fly. The query
+arrives pre-RoPE, straight from the model's projection, and is rotated here with its own row of that table.
 The G query heads of each KV head are the rows of one block-diagonal query matrix (row r holds its
 head's channels, zeros elsewhere), so q.k and p.v stay tensor-core dots of >= 16 rows whatever G is
 (the padding costs ~6% of the rebuild's FLOPs at MHA). Online softmax in float32, base 2; each split
@@ -108,7 +109,7 @@ def _values(vq_ptr, vs_ptr, vz_ptr, vrow, ok, BLOCK_N: tl.constexpr, NV: tl.cons
 def _sals_decode_kernel(
         q_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr, win_pos_ptr, pos_ptr,
         idx_ptr, keep_ptr, kls_ptr, klr_ptr, u_ptr, rope_ptr, vq_ptr, vs_ptr, vz_ptr,
-        m_ptr, l_ptr, acc_ptr, S, Hkv, K, R,
+        m_ptr, l_ptr, acc_ptr, S, Hkv, K, R, stride_qb, stride_qh,
         qk_scale: tl.constexpr,  # constexpr: under torch.compile a float argument would arrive as fp64
         G: tl.constexpr, HD: tl.constexpr, N_SINK: tl.constexpr, W: tl.constexpr, RS: tl.constexpr,
         RR: tl.constexpr, BITS: tl.constexpr, TPS: tl.constexpr, HEADS: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -121,15 +122,20 @@ def _sals_decode_kernel(
     col = tl.arange(0, HEADS * HD2)  # key-half columns: (head col // HD2, channel col % HD2)
     cv = tl.arange(0, HEADS * HD)  # value columns: (head cv // HD, channel cv % HD)
     own = (row[:, None] // G == col[None, :] // HD2) & (row[:, None] < HEADS * G)  # block-diagonal query
-    q_row = q_ptr + ((b * Hkv + h0) * G + row[:, None]) * HD + col[None, :] % HD2
-    q1 = tl.load(q_row, mask=own, other=0.0)  # (BLOCK_Q, HEADS*HD2), post-RoPE
-    q2 = tl.load(q_row + HD2, mask=own, other=0.0)
+    pos = tl.load(pos_ptr + b)
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + (h0 * G + row[:, None]) * stride_qh + col[None, :] % HD2
+    q1 = tl.load(q_row, mask=own, other=0.0).to(tl.float32)  # (BLOCK_Q, HEADS*HD2), pre-RoPE
+    q2 = tl.load(q_row + HD2, mask=own, other=0.0).to(tl.float32)
+    q_cs = rope_ptr + pos * HD + (col % HD2) * 2  # the new token's row of the (cos, sin) table, per column
+    q_cos, q_sin = tl.load(q_cs)[None, :], tl.load(q_cs + 1)[None, :]
+    # rotated as model.apply_rope does (float32, rounded to the model's dtype), then fed to the tensor cores
+    q1, q2 = ((q1 * q_cos - q2 * q_sin).to(q_ptr.dtype.element_ty),
+              (q2 * q_cos + q1 * q_sin).to(q_ptr.dtype.element_ty))
     kcol = (h0 + col // HD2) * HD + col % HD2  # (HEADS*HD2,) offset of a first-half channel in a (Hkv, HD) row
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, HEADS * HD], tl.float32)
     if split == 0:  # sinks (positions 0..N_SINK-1, valid up to pos) then the window ring (slot valid if pos >= 0)
-        pos = tl.load(pos_ptr + b)
         for t0 in range(0, N_SINK + W, BLOCK_N):
             t = t0 + tl.arange(0, BLOCK_N)
             w = t - N_SINK
@@ -186,8 +192,8 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, N: tl.constexpr, N_P: tl.con
                     BLOCK: tl.constexpr):
     """combine_splits for row (b, h) of the partials: the N splits' acc and l weighted by exp2(m - max)."""
     row = tl.program_id(0).to(tl.int64)
-    n = tl.arange(0, N_P)
-    m_max = tl.max(tl.load(m_ptr + row * N + n, mask=n < N, other=float("-inf")), 0)  # finite: split 0 has the token
+    every = tl.arange(0, N_P)
+    m_max = tl.max(tl.load(m_ptr + row * N + every, mask=every < N, other=float("-inf")), 0)  # split 0: finite
     d = tl.arange(0, HD)
     num = tl.zeros([HD], tl.float32)
     den = tl.zeros([], tl.float32)
@@ -214,7 +220,7 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, win_k: Tensor, w
                      U: Tensor, rope: Tensor, v_q: Tensor, v_scale: Optional[Tensor], v_zero: Optional[Tensor],
                      bits: int) -> Tensor:
     """One decode step of attention over sinks + window + selected tokens, for every sequence.
-    q (B, H, Dh) post-RoPE; sink_k/v (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh) post-RoPE, window_pos (B, W)
+    q (B, H, Dh) pre-RoPE (any strides with contiguous channels: the kernel rotates it at input_pos); sink_k/v (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh) post-RoPE, window_pos (B, W)
     (-1 empty); input_pos (B, 1); idx, keep (B, k) selected positions and which count; k_lat_score (B, S, r*),
     k_lat_rest (B, S, r - r*), U (D, r), rope (>= S, Dh/2, 2) float32 the model's (cos, sin) table; v_q
     (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero (B, S, Hkv, Dh/32), or (B, S, Hkv, Dh) when bits == 16.
@@ -228,7 +234,7 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, win_k: Tensor, w
     acc = torch.empty(B, H, 1 + n_sel, HD, dtype=torch.float32, device=q.device)
     launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, keep, k_lat_score, k_lat_rest, U,
                   rope, v_q, v_scale, v_zero, bits, m, l, acc, cfg)
-    out = torch.empty_like(q)
+    out = torch.empty(B, H, HD, dtype=q.dtype, device=q.device)
     launch_combine(m, l, acc, out)
     return out
 
@@ -271,13 +277,14 @@ def launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, k
     heads, BLOCK_N = heads_per_program(Hkv, cfg), cfg["block_n"]
     TPS = BLOCK_N * max(1, triton.cdiv(triton.cdiv(K, BLOCK_N), max(1, n_split - 1)))  # tokens per split
     assert TPS * (n_split - 1) >= K, "too few splits for the selection"
-    for t in (q, sink_k, sink_v, win_k, win_v, window_pos, idx, keep, k_lat_score, k_lat_rest, U, rope, v_q, m, l, acc):
+    assert q.stride(2) == 1, "q needs contiguous channels"
+    for t in (sink_k, sink_v, win_k, win_v, window_pos, idx, keep, k_lat_score, k_lat_rest, U, rope, v_q, m, l, acc):
         assert t.is_contiguous(), "decode_attention expects contiguous buffers"
     scale = v_q if v_scale is None else v_scale  # unused when bits == 16
     zero = v_q if v_zero is None else v_zero
     return torch.library.wrap_triton(_sals_decode_kernel)[(B, Hkv // heads, n_split)](
         q, sink_k, sink_v, win_k, win_v, window_pos, input_pos.reshape(B), idx, keep, k_lat_score, k_lat_rest,
-        U, rope, v_q, scale, zero, m, l, acc, S, Hkv, K, RS + RR, HD ** -0.5 * math.log2(math.e),
+        U, rope, v_q, scale, zero, m, l, acc, S, Hkv, K, RS + RR, q.stride(0), q.stride(1), HD ** -0.5 * math.log2(math.e),
         G=G, HD=HD, N_SINK=n_sink, W=W, RS=RS, RR=RR, BITS=bits, TPS=TPS, HEADS=heads,
         BLOCK_Q=max(16, triton.next_power_of_2(heads * G)), BLOCK_N=BLOCK_N, BLOCK_R=latent_block(RS, RR, cfg["block_r"]),
         PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -308,9 +315,9 @@ def decode_attention_reference(cache, q_rope: Tensor, input_pos: Tensor, idx: Te
     return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask[:, None])
 
 
-def fused_decode(cache, q_rope: Tensor, input_pos: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
-    """decode_attention on a SALSCache's buffers: q_rope (B, H, 1, Dh) -> (B, H, 1, Dh)."""
-    return decode_attention(q_rope[:, :, 0].contiguous(), cache.sink_k, cache.sink_v, cache.win_k, cache.win_v,
+def fused_decode(cache, q: Tensor, input_pos: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
+    """decode_attention on a SALSCache's buffers: q (B, H, 1, Dh) pre-RoPE -> (B, H, 1, Dh)."""
+    return decode_attention(q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v,
                             cache.window_pos, input_pos, idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U,
                             cache.rope, cache.v_q, cache.v_scale, cache.v_zero, cache.bits)[:, :, None]
 
@@ -324,8 +331,8 @@ if __name__ == "__main__":
         q_rope = apply_rope(q, rope)
         idx, keep = cache.select(q, q_rope, pos, None)
         ref = decode_attention_reference(cache, q_rope, pos, idx, keep).float()
-        err = (fused_decode(cache, q_rope, pos, idx, keep).float() - ref).norm() / ref.norm()
-        t = do_bench(lambda: fused_decode(cache, q_rope, pos, idx, keep), return_mode="median")
+        err = (fused_decode(cache, q, pos, idx, keep).float() - ref).norm() / ref.norm()
+        t = do_bench(lambda: fused_decode(cache, q, pos, idx, keep), return_mode="median")
         flop = 2 * int(keep.sum()) * cache.U.numel() * 1.0
         print(f"B={B} S={S} Hkv={Hkv} SALS-12.5%: fused decode {t * 1e3:.1f} us (key rebuild {flop / t / 1e9:.0f} "
               f"TFLOP/s), rel err {err:.1e}")

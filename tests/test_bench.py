@@ -144,12 +144,14 @@ def test_largest_batch_matches_brute_force(limit):
 
 
 def test_kernel_report_compiles_every_sweep_variant_for_sm90(tmp_path):
-    """bench/kernel_report.py (no GPU): each launch-setting variant compiles for sm_90 and ptxas reports its
-    registers; the TTGIR it writes holds the rebuild's tensor-core dots."""
+    """bench/kernel_report.py (no GPU): each launch-setting variant of the fused kernel, and the select and combine
+    kernels, compile for sm_90 and ptxas reports their registers; the TTGIR it writes holds the rebuild's
+    tensor-core dots."""
     from bench.attention_bench import SWEEP
+    from bench.kernel_report import OTHERS
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--ttgir", str(tmp_path / "k.mlir")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if "registers" in line]
-    assert len(rows) == sum(len(v) for v in SWEEP.values()), r.stdout
+    assert len(rows) == sum(len(v) for v in SWEEP.values()) + len(OTHERS), r.stdout
     assert "warp_group_dot" in (tmp_path / "k.mlir").read_text()

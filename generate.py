@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from model import DTYPES, ModelArgs, Transformer, default_dtype, load_model
-from sals_attention import RANKINGS, SELECTIONS
+from sals_attention import RANKINGS, SELECTIONS, SALSConfig
 
 PREFILL_CHUNK = 2048  # long prompts are prefilled in chunks: attention memory stays linear
 
@@ -247,7 +247,7 @@ def parse_args(argv=None):
 def sals_setup(args, model: Transformer, default_model: bool):
     """setup_caches(B, S) for --sals: SALS caches built from the checkpoint's calibration."""
     from calibrate import load_calibration
-    from sals_attention import SALSConfig, setup_sals
+    from sals_attention import setup_sals
     names = ("sparsity", "rank", "score_dims", "value_bits", "sink", "window", "dense_layers", "ranking", "selection")
     overrides = {n: getattr(args, "sals_" + n) for n in names if getattr(args, "sals_" + n) is not None}
     cfg = SALSConfig.preset(args.sals, **overrides)
@@ -269,7 +269,7 @@ def sals_setup(args, model: Transformer, default_model: bool):
     def setup(B: int, S: int):
         if on_gpu and not args.sals_always:
             free = torch.cuda.mem_get_info(model.output.weight.device)[0]
-            use, why = sals_on_gpu(model.args, B, S, free, model.output.weight.element_size())
+            use, why = sals_on_gpu(model.args, resolved, B, S, free, model.output.weight.element_size())
             print(f"SALS: {why}" if use else f"SALS: staying dense: {why}; --sals_always to use SALS anyway",
                   file=sys.stderr)
             if not use:
@@ -278,22 +278,25 @@ def sals_setup(args, model: Transformer, default_model: bool):
     return setup
 
 
-def sals_on_gpu(a: ModelArgs, B: int, S: int, free: int, elem_bytes: int = 2) -> tuple[bool, str]:
-    """Whether SALS caches should replace dense ones on a GPU with `free` bytes free, for B
-    sequences of S tokens (dense elements of elem_bytes), and why. The rule is the measurements' (BENCHMARKS.md,
-    H200, whole model, batch 8): SALS decodes at least as fast as the dense cache for GQA models from 4K tokens
-    at batch 8 (Mistral-7B: 1.01x / 1.03x at 4K, 1.61x / 1.78x at 32K, SALS-25% / 12.5%), never for MHA models
-    (Llama-2-7B at 4K: 0.68x / 0.85x); batches under 8 were not measured end to end (one SALS layer at batch 1 is
-    0.44x of SDPA), so they stay dense. Otherwise SALS is used only when the dense cache would not fit in free
-    GPU memory. Both presets' ranks fall on the same side of it everywhere it was measured."""
+def sals_on_gpu(a: ModelArgs, cfg: SALSConfig, B: int, S: int, free: int, elem_bytes: int = 2) -> tuple[bool, str]:
+    """Whether SALS caches (cfg resolved) should replace dense ones on a GPU with `free` bytes free, for B sequences
+    of S tokens (dense elements of elem_bytes), and why. The rule is the measurements' (BENCHMARKS.md, H200, whole
+    model, batch 8, 4K-32K tokens): SALS decodes faster than the dense cache for GQA models from 4K tokens (Mistral-7B:
+    1.21x / 1.24x at 4K up to 1.92x / 2.16x at 32K, SALS-25% / 12.5%); for MHA models only with SALS-12.5%'s rank and
+    2-bit values, from 8K tokens (Llama-2-7B: 1.08x at 8K, 1.12x at 16K; 0.98x at 4K; SALS-25% 0.66-0.76x).
+    Batches under 8 were not measured end to end (one SALS layer at batch 1 is 0.31-0.84x of SDPA), so they stay
+    dense. Otherwise SALS is used only when the dense cache would not fit in free GPU memory."""
     D = a.n_kv_head * a.head_dim
-    if a.n_kv_head < a.n_head and S >= 4096 and B >= 8:
-        return True, f"GQA at {S} tokens and batch {B}, where it was measured faster than dense (BENCHMARKS.md)"
+    lean = cfg.rank <= D // 8 and cfg.value_bits <= 2  # SALS-12.5%'s settings, or leaner
+    if B >= 8 and ((a.n_kv_head < a.n_head and S >= 4096) or (lean and S >= 8192)):
+        return True, f"{'GQA' if a.n_kv_head < a.n_head else 'MHA'} at {S} tokens and batch {B}, where it was " \
+                     f"measured faster than dense (BENCHMARKS.md)"
     dense = 2 * a.n_layer * B * S * D * elem_bytes
     if dense > 0.9 * free:
         return True, f"a dense cache ({dense / 1e9:.1f} GB) would not fit in free GPU memory ({free / 1e9:.1f} GB)"
-    return False, (f"on this GPU SALS decodes slower than the dense cache ({dense / 1e9:.1f} GB, which fits) for MHA "
-                   f"models, and was not measured faster below 4K tokens or batch 8 (BENCHMARKS.md)")
+    return False, (f"the dense cache ({dense / 1e9:.1f} GB) fits, and SALS was not measured faster than it here: "
+                   f"below batch 8, below 4K tokens (GQA) or 8K (MHA, SALS-12.5%), or at MHA with these settings "
+                   f"(BENCHMARKS.md)")
 
 
 def read_prompt(spec: str, tokenizer, chat: bool, vocab_size: int, gen: torch.Generator) -> list[int]:

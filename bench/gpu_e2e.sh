@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call (< 9 min): end-to-end decode throughput of the whole model (random weights), dense against
+# One device call (< 10 min): end-to-end decode throughput of the whole model (random weights), dense against
 # SALS-25% and SALS-12.5%, each step captured in a CUDA graph (bench/decode_bench.py --graph). Logs in $OUT;
 # the markdown table of every run is printed last (rows of a run cut short by its timeout included).
 #   a: Llama-2-7B and Mistral-7B, prompts 4K-32K, batch 8, the three methods (one process per shape).
-#   b: the largest batch that fits at 32K, for each shape and method, and its timing.
+#   `bash bench/gpu_e2e.sh largest`: the largest batch that fits at 32K, for each shape and method, and its timing.
 # Estimate (H100): each process ~10 s to start and make 7B random weights; each config ~2-4 s to allocate, fill,
 # warm up (Triton compiles a fused-kernel variant per batch and length) and capture one graph, then 3 + 3 x 32
 # steps (a: ~10-20 ms at 4K to ~100 ms for Llama-2 SALS at 32K: ~50 s of steps for all Llama-2 rows, ~20 s for
@@ -16,17 +16,38 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+if [ "${1:-}" = largest ]; then
+  # b: the largest batch at 32K, one process per shape and method, the batches given: --max_batch's search stopped
+  # making progress after its first out-of-memory try in two calls (2026-12-01), so the candidates come from
+  # bench/kv_memory.py's bytes per sequence and the peak memory of the batch-8 rows, and each run goes up from a batch
+  # that fits until one does not ("out of memory" row); a timeout only loses the rows after the last printed one.
+  big() { log=$1; limit=$2; shift 2; echo "== $*"
+          timeout "$limit" python bench/decode_bench.py --graph --steps 16 --prompt 32768 "$@" 2>&1 | grep -v Warning \
+              | tee "$OUT/$log" | grep '^| [lm]'; echo "$log exit status $?"; }
+  big b_llama_dense.log 55 --shape llama-2-7b --method dense --batch 7 8
+  big b_llama_25.log 75 --shape llama-2-7b --method sals-25 --batch 21 22 23
+  big b_llama_125.log 90 --shape llama-2-7b --method sals-12.5 --batch 8 31 32 33
+  big b_mistral_dense.log 55 --shape mistral-7b --method dense --batch 31 32
+  big b_mistral_25.log 75 --shape mistral-7b --method sals-25 --batch 88 89 90
+  big b_mistral_125.log 85 --shape mistral-7b --method sals-12.5 --batch 131 132 133
+  exit 0
+fi
+# The Triton kernels of every SALS run below, compiled side by side first (one-layer steps with the same cache shapes:
+# S = prompt + 32 steps, the same batches; kernel variants follow S, B and the shape), so that no timed process waits on
+# the compiler: the searches of an earlier call ran out of time compiling and filling caches.
+warm=(); for shape in llama-2-7b mistral-7b; do for P in 4096 8192 16384 32768; do warm+=("$shape:$((P + 32)):8"); done; done
+warm+=(llama-2-7b:32800:24 mistral-7b:32800:100)  # the largest batches' variants (B 17-32, and B > 64)
+for c in "${warm[@]}"; do timeout 150 python bench/attention_bench.py --warm --eager --configs "$c" > "$OUT/warm_${c//:/_}.log" 2>&1 & done
+wait; grep -l Traceback "$OUT"/warm_*.log && { grep -h -A12 Traceback "$OUT"/warm_*.log | tail -40; exit 1; }
 run() { log=$1; limit=$2; shift 2; echo "== $*"
-        timeout "$limit" python bench/decode_bench.py --graph --method dense sals-25 sals-12.5 "$@" 2>&1 \
+        timeout "$limit" python bench/decode_bench.py --graph --method dense sals-25 sals-12.5 --steps 32 "$@" 2>&1 \
             | grep -v Warning | tee "$OUT/$log"
         echo "$log exit status $? (124: cut short by its ${limit} s timeout)"; }
-run a_llama.log 150 --shape llama-2-7b --prompt 4096 8192 16384 32768 --batch 8 --steps 32
-run a_mistral.log 120 --shape mistral-7b --prompt 4096 8192 16384 32768 --batch 8 --steps 32
-run b_llama.log 120 --shape llama-2-7b --prompt 32768 --max_batch --steps 16
-run b_mistral.log 130 --shape mistral-7b --prompt 32768 --max_batch --steps 16
+run a_llama.log 150 --shape llama-2-7b --prompt 4096 8192 16384 32768 --batch 8
+run a_mistral.log 110 --shape mistral-7b --prompt 4096 8192 16384 32768 --batch 8
 # the table: header once, then each run's final table (its progress rows if it was cut short)
 echo; python -c "import sys; sys.path.insert(0, 'bench'); from decode_bench import HEADER; print(HEADER)"
-for log in a_llama.log a_mistral.log b_llama.log b_mistral.log; do
+for log in a_llama.log a_mistral.log; do
     rows=$(sed -n '/^| shape/,$p' "$OUT/$log"); [ -n "$rows" ] || rows=$(grep '^| ' "$OUT/$log")
     echo "$rows" | grep '^| ' | grep -v '^| shape\|^| ---'
 done

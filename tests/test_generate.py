@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT
 from generate import Streamer, decode_one_token, generate, prefill, sample
 from model import ModelArgs, Transformer, load_model
+from sals_attention import SALSConfig
 from tokenizer import load_tokenizer
 
 
@@ -272,20 +273,23 @@ def test_cache_memory_is_linear_in_context():
 
 
 def test_sals_on_gpu_follows_the_measured_rule():
-    """SALS replaces the dense cache on a GPU only where BENCHMARKS.md measured it at least as fast (GQA from 4K
-    tokens at batch 8) or where the dense cache would not fit; the bytes it compares are the dense cache's, computed
-    here."""
+    """SALS replaces the dense cache on a GPU only where BENCHMARKS.md measured it faster at batch 8 (GQA from 4K
+    tokens; MHA with SALS-12.5%'s settings from 8K) or where the dense cache would not fit; the bytes it compares
+    are the dense cache's, computed here."""
     from generate import sals_on_gpu
     shape = dict(vocab_size=32000, dim=4096, n_layer=32, n_head=32, head_dim=128, intermediate_size=11008,
                  max_position_embeddings=32768)
     llama2, mistral = ModelArgs(n_kv_head=32, **shape), ModelArgs(n_kv_head=8, **shape)
+    preset = lambda a, f: SALSConfig.preset(f).resolve(a, a.n_kv_head * a.head_dim)  # noqa: E731
     gb = 10 ** 9
-    assert sals_on_gpu(mistral, 8, 32768, 70 * gb)[0]  # GQA, 32K: measured 1.78x
-    assert sals_on_gpu(mistral, 8, 4096, 70 * gb)[0]  # GQA, 4K: 1.01x (D/4), 1.03x (D/8)
-    assert not sals_on_gpu(mistral, 8, 2048, 70 * gb)[0]  # below 4K: not measured, 2.1 GB fits
-    assert not sals_on_gpu(mistral, 1, 32768, 70 * gb)[0]  # batch 1: not measured, 4.3 GB fits
+    assert sals_on_gpu(mistral, preset(mistral, 0.25), 8, 32768, 70 * gb)[0]  # GQA, 32K: measured 1.92x
+    assert sals_on_gpu(mistral, preset(mistral, 0.125), 8, 4096, 70 * gb)[0]  # GQA, 4K: 1.24x
+    assert not sals_on_gpu(mistral, preset(mistral, 0.125), 8, 2048, 70 * gb)[0]  # below 4K: not measured, fits
+    assert not sals_on_gpu(mistral, preset(mistral, 0.125), 1, 32768, 70 * gb)[0]  # batch 1: not measured, fits
+    assert sals_on_gpu(llama2, preset(llama2, 0.125), 8, 8192, 70 * gb)[0]  # MHA SALS-12.5%, 8K: 1.08x
+    assert not sals_on_gpu(llama2, preset(llama2, 0.125), 8, 4096, 70 * gb)[0]  # 4K: 0.98x, 17 GB fits
     dense_8x16k = 2 * 32 * 8 * 16384 * 4096 * 2  # Llama-2 K and V, bf16
-    use, why = sals_on_gpu(llama2, 8, 16384, int(dense_8x16k / 0.9) + 1)
-    assert not use and f"{dense_8x16k / gb:.1f} GB" in why  # MHA: never faster, fits
-    use, why = sals_on_gpu(llama2, 8, 16384, int(dense_8x16k / 0.9) - 1)
+    use, why = sals_on_gpu(llama2, preset(llama2, 0.25), 8, 16384, int(dense_8x16k / 0.9) + 1)
+    assert not use and f"{dense_8x16k / gb:.1f} GB" in why  # MHA SALS-25%: 0.66x at 16K, fits
+    use, why = sals_on_gpu(llama2, preset(llama2, 0.25), 8, 16384, int(dense_8x16k / 0.9) - 1)
     assert use and "would not fit" in why  # does not fit: SALS

@@ -287,7 +287,8 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=list(METHODS), nargs="+", default=["dense"],
                    help="dense bf16 cache, or SALS-25%% / SALS-12.5%% (sals_attention.py presets)")
     p.add_argument("--max_batch", action="store_true",
-                   help="for each shape, prompt and method, time the largest batch that fits on the GPU")
+                   help="for each shape, prompt and method, time the largest batch that fits on the GPU (on the "
+                        "H200 the search stalled after its first try near the memory limit: bench/NOTES.md)")
     p.add_argument("--max_batch_limit", type=int, default=1024, help="the largest batch --max_batch tries")
     p.add_argument("--steps", type=int, default=127)
     how = p.add_mutually_exclusive_group()

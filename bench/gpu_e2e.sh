@@ -2,15 +2,12 @@
 # One device call (< 10 min): end-to-end decode throughput of the whole model (random weights), dense against
 # SALS-25% and SALS-12.5%, each step captured in a CUDA graph (bench/decode_bench.py --graph). Logs in $OUT;
 # the markdown table of every run is printed last (rows of a run cut short by its timeout included).
-#   a: Llama-2-7B and Mistral-7B, prompts 4K-32K, batch 8, the three methods (one process per shape).
+#   `bash bench/gpu_e2e.sh`: Llama-2-7B and Mistral-7B, prompts 4K-32K, batch 8, the three methods (one process per
+#   shape; the Llama-2 one needs more than its 150 s for the 32K SALS-12.5% row, which `largest` times).
 #   `bash bench/gpu_e2e.sh largest`: the largest batch that fits at 32K, for each shape and method, and its timing.
-# Estimate (H100): each process ~10 s to start and make 7B random weights; each config ~2-4 s to allocate, fill,
-# warm up (Triton compiles a fused-kernel variant per batch and length) and capture one graph, then 3 + 3 x 32
-# steps (a: ~10-20 ms at 4K to ~100 ms for Llama-2 SALS at 32K: ~50 s of steps for all Llama-2 rows, ~20 s for
-# Mistral): a ~100 s + ~70 s. Dense Llama-2 at 32K batch 8 does not fit (16 GiB of cache per sequence); at 16K
-# batch 8 (69 GB + 13.5 GB of weights) it is at the edge. b: per method a try at batch 1, then 2-5 tries from
-# the guess free memory / one sequence's cache (~1-4 s each), then 3 + 3 x 16 steps at up to ~250 ms (Mistral
-# SALS-12.5% near batch 60): ~70-90 s per shape. Total ~6 min; the timeouts below add up to 8.7 min.
+# H200 (bench/NOTES.md, 2026-12-01, calls 4-5): the batch-8 runs ~300 s with the warm-up (the call also ran two
+# --max_batch searches, since taken out: they stalled); `largest` 442 s, most of it the timeouts of runs that stalled
+# after a batch near the memory limit (NOTES.md: each batch in its own process next).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"

@@ -6,7 +6,9 @@ the scores are mapped to integers that order like them, the n[b]-th largest is f
 passes count, then write, the positions of the scores above it and of the first ties, in position order.
 torch.topk (SALSCache.top, the reference) gives the same set up to the order of ties, but sorts its k results.
 Every pass runs over (row, chunk of CHUNK scores) programs, so a row is spread over the whole GPU: one program per
-row (the previous version) took 141-148 us at B=8, 32K on an H200, where 8 programs did all the work.
+row (the previous version) took 141-148 us at B=8, 32K on an H200, where 8 programs did all the work; this one
+24-34 us at 4K-32K and B = 1-16, against torch.topk's 43-116 (BENCHMARKS.md), but more than the 18 us the one-program
+kernel took at 4K: six launches in a CUDA graph cost ~4 us each.
 Each program adds its chunk's histogram to the row's in global memory (integer atomics: the sums, and so the
 result, do not depend on the order) and replays the earlier passes' choices from those histograms, so the
 passes share no other state: six launches, no host sync, static shapes.

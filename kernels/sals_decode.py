@@ -220,10 +220,11 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, win_k: Tensor, w
                      U: Tensor, rope: Tensor, v_q: Tensor, v_scale: Optional[Tensor], v_zero: Optional[Tensor],
                      bits: int) -> Tensor:
     """One decode step of attention over sinks + window + selected tokens, for every sequence.
-    q (B, H, Dh) pre-RoPE (any strides with contiguous channels: the kernel rotates it at input_pos); sink_k/v (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh) post-RoPE, window_pos (B, W)
-    (-1 empty); input_pos (B, 1); idx, keep (B, k) selected positions and which count; k_lat_score (B, S, r*),
-    k_lat_rest (B, S, r - r*), U (D, r), rope (>= S, Dh/2, 2) float32 the model's (cos, sin) table; v_q
-    (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero (B, S, Hkv, Dh/32), or (B, S, Hkv, Dh) when bits == 16.
+    q (B, H, Dh) pre-RoPE (any strides with contiguous channels: the kernel rotates it at input_pos); sink_k/v
+    (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh) post-RoPE, window_pos (B, W) (-1 empty); input_pos (B, 1); idx,
+    keep (B, k) selected positions and which count; k_lat_score (B, S, r*), k_lat_rest (B, S, r - r*), U (D, r),
+    rope (>= S, Dh/2, 2) float32 the model's (cos, sin) table; v_q (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero
+    (B, S, Hkv, Dh/32), or (B, S, Hkv, Dh) when bits == 16.
     Returns (B, H, Dh) in q's dtype."""
     B, H, HD = q.shape
     Hkv, K = win_k.shape[2], idx.shape[1]
@@ -284,7 +285,8 @@ def launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, k
     zero = v_q if v_zero is None else v_zero
     return torch.library.wrap_triton(_sals_decode_kernel)[(B, Hkv // heads, n_split)](
         q, sink_k, sink_v, win_k, win_v, window_pos, input_pos.reshape(B), idx, keep, k_lat_score, k_lat_rest,
-        U, rope, v_q, scale, zero, m, l, acc, S, Hkv, K, RS + RR, q.stride(0), q.stride(1), HD ** -0.5 * math.log2(math.e),
+        U, rope, v_q, scale, zero, m, l, acc, S, Hkv, K, RS + RR, q.stride(0), q.stride(1),
+        HD ** -0.5 * math.log2(math.e),
         G=G, HD=HD, N_SINK=n_sink, W=W, RS=RS, RR=RR, BITS=bits, TPS=TPS, HEADS=heads,
         BLOCK_Q=max(16, triton.next_power_of_2(heads * G)), BLOCK_N=BLOCK_N, BLOCK_R=latent_block(RS, RR, cfg["block_r"]),
         PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype, load_model, rope_frequencies
-from sals_attention import RANKINGS, SALSConfig, expected_rotation
+from sals_attention import RANKINGS, SALSConfig, bucket_rotations, distance_bucket, expected_rotation, n_buckets
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TEXT = ROOT / "data" / "calibration.txt"
@@ -155,7 +155,8 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
       - latent choice: top n by s_j = q_lat . k_lat_j with q_lat = (each KV group's query heads
         summed, concatenated to width D) @ basis and k_lat_j = (k_j, heads concatenated) @ basis,
         both pre-RoPE, exactly as the SALS decode step ranks (ranking "pre-rope"; with "expected-rope",
-        q_lat's head sums are first rotated by sals_attention.expected_rotation at t, from inv_freq);
+        q_lat's head sums are first rotated by sals_attention.expected_rotation at t, from inv_freq; with
+        "bucket-rope" by each distance bucket's rotation, key j scored by its bucket's q_lat);
       - oracle choice: top n candidates by a_j;
       - ratio = a(sinks + window + latent choice) / a(sinks + window + oracle choice), <= 1.
     Returns the mean ratio over positions with n > 0 (nan if none). 1.0 means latent ranking loses
@@ -166,14 +167,19 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
     q_rope = apply_rope(q[None], rope[None])[0].reshape(Hkv, H // Hkv, T, Dh)  # (Hkv, G, T, Dh)
     k_rope = apply_rope(k[None], rope[None])[0]  # (Hkv, T, Dh)
     q_sum = q.reshape(Hkv, H // Hkv, T, Dh).sum(1)  # (Hkv, T, Dh)
-    if ranking == "expected-rope":
+    if ranking not in RANKINGS:
+        raise ValueError(f"overlap_score: unknown ranking {ranking!r} (one of {', '.join(RANKINGS)}).")
+    n_b = n_buckets(window, T) if ranking == "bucket-rope" else 1
+    if ranking != "pre-rope":
         if inv_freq is None:
-            raise ValueError("overlap_score with ranking 'expected-rope' needs inv_freq (model.rope_frequencies).")
-        rot = expected_rotation(inv_freq.to(q.device), torch.arange(T, device=q.device)[:, None], sink, window)
-        q_sum = apply_rope(q_sum[None], rot[None])[0]
-    elif ranking != "pre-rope":
-        raise ValueError(f"overlap_score: unknown ranking {ranking!r} (pre-rope or expected-rope).")
-    q_lat = q_sum.transpose(0, 1).reshape(T, -1) @ basis  # (T, r*)
+            raise ValueError(f"overlap_score with ranking {ranking!r} needs inv_freq (model.rope_frequencies).")
+        pos, inv_freq = torch.arange(T, device=q.device)[:, None], inv_freq.to(q.device)
+        rot = (bucket_rotations(inv_freq, pos, sink, window, n_b) if ranking == "bucket-rope"
+               else expected_rotation(inv_freq, pos, sink, window)[:, None])  # (T, n_b, Dh/2, 2)
+        q_sum = apply_rope(q_sum.transpose(0, 1)[:, None], rot[:, :, None])  # (T, n_b, Hkv, Dh)
+    else:
+        q_sum = q_sum.transpose(0, 1)[:, None]  # (T, 1, Hkv, Dh)
+    q_lat = q_sum.flatten(-2) @ basis  # (T, n_b, r*): one latent query per distance bucket
     k_lat = k.transpose(0, 1).reshape(T, -1) @ basis  # (T, r*)
     j = torch.arange(T, device=q.device)
     ratios = []
@@ -190,7 +196,9 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
         def kept(score: Tensor) -> Tensor:  # attention mass of the top-`budget` middle tokens by score
             idx = score.masked_fill(~middle, float("-inf")).topk(k_max, dim=-1).indices
             return (attn.gather(-1, idx) * ranks_ok).sum(-1)
-        ratio = (always + kept(q_lat[t] @ k_lat.T)) / (always + kept(attn))
+        bucket = distance_bucket(t[:, None] - j, window, n_b)  # (n, T)
+        latent = (q_lat[t] @ k_lat.T).gather(1, bucket[:, None])[:, 0]  # (n, T): each key by its bucket's query
+        ratio = (always + kept(latent)) / (always + kept(attn))
         ratios.append(ratio[budget > 0])
     ratios = torch.cat(ratios)
     return ratios.mean().item() if ratios.numel() else float("nan")
@@ -257,6 +265,7 @@ def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose
     model.setup_caches(1, S_max)  # drop the wrappers: the model is left with plain dense caches
     report = {"energy_25": energy(eigvals, r25).tolist(), "energy_125": energy(eigvals, r125).tolist(),
               "overlap": overlap["pre-rope"], "overlap_expected_rope": overlap["expected-rope"],
+              "overlap_bucket_rope": overlap["bucket-rope"],
               "rank_25": r25, "rank_125": r125, "score_dims": score_dims,
               "sparsity": SPARSITY, "sink": SINK, "window": WINDOW,
               "eval_seqs": eval_seqs.shape[0], "eval_len": eval_seqs.shape[1],
@@ -267,11 +276,11 @@ def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose
 def format_report(report: dict) -> str:
     r = report
     lines = [f"layer  energy@r={r['rank_25']} (25%)  energy@r={r['rank_125']} (12.5%)  "
-             f"overlap (r*={r['score_dims']}, sparsity {r['sparsity']:.3g}): pre-rope  expected-rope"]
-    for i, (e25, e125, o, oe) in enumerate(zip(r["energy_25"], r["energy_125"], r["overlap"],
-                                               r["overlap_expected_rope"])):
+             f"overlap (r*={r['score_dims']}, sparsity {r['sparsity']:.3g}): pre-rope  expected-rope  bucket-rope"]
+    for i, (e25, e125, o, oe, ob) in enumerate(zip(r["energy_25"], r["energy_125"], r["overlap"],
+                                                   r["overlap_expected_rope"], r["overlap_bucket_rope"])):
         flag = "  <- poor" if i in r["poor_layers"] else ""
-        lines.append(f"{i:5d}  {e25:19.4f}  {e125:21.4f}  {o:42.4f}  {oe:13.4f}{flag}")
+        lines.append(f"{i:5d}  {e25:19.4f}  {e125:21.4f}  {o:42.4f}  {oe:13.4f}  {ob:11.4f}{flag}")
     if r["eval_seqs"] == 0:
         lines.append("overlap not measured: no held-out sequence fitted in the text.")
     elif r["poor_layers"]:

@@ -201,15 +201,16 @@ def parse_args(argv=None):
     s.add_argument("--sals_window", type=int, help="most recent tokens always attended at full precision")
     s.add_argument("--sals_dense_layers", type=str, help="comma-separated layer ids that keep a dense cache")
     s.add_argument("--sals_ranking", choices=RANKINGS,
-                   help="how tokens are ranked: by the RoPE-free q.k (the paper), or with q rotated by RoPE's mean "
-                        "rotation over the candidates' distances (default: the preset's)")
+                   help="how tokens are ranked: by the RoPE-free q.k (the paper), with q rotated by RoPE's mean "
+                        "rotation over the candidates' distances, or by that mean per distance bucket [64 2^i, "
+                        "64 2^(i+1)) (bucket-rope: PyTorch path only, also on a GPU); default: the preset's")
     s.add_argument("--sals_selection", choices=SELECTIONS,
                    help="one top-k per layer, shared by its heads (the paper), or one per KV head, each ranking with "
                         "its own query heads (PyTorch path only, also on a GPU; default: the preset's)")
     s.add_argument("--sals_calib", type=Path, help="calibration file (default: <checkpoint>/sals_calib.pt)")
     s.add_argument("--sals_always", action="store_true", default=None,
                    help="on a GPU, use SALS even where it was measured slower than the dense cache (by default the "
-                        "engine then stays dense and says why; see sals_wins_on_gpu)")
+                        "engine then stays dense and says why; see sals_on_gpu)")
     args = p.parse_args(argv)
     problems = []
     if args.max_new_tokens < 1:

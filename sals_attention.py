@@ -23,8 +23,10 @@ GROUP = 32  # value channels sharing one scale and zero
 FUSED = None  # decode with the Triton kernels of kernels/: None = on CUDA tensors; True/False forces it (tests)
 
 # How a decode step ranks the compressed tokens: "pre-rope" by the RoPE-free q.k (the paper); "expected-rope" by
-# q.k with q rotated by RoPE's rotation averaged over the candidates' distances (expected_rotation).
-RANKINGS = ("pre-rope", "expected-rope")
+# q.k with q rotated by RoPE's rotation averaged over the candidates' distances (expected_rotation); "bucket-rope" the
+# same average taken per distance bucket [W 2^i, W 2^(i+1)) (W the window), each token ranked by its bucket's query
+# (bucket_rotations): a narrower range of distances damps fewer RoPE frequencies (EVAL.md section 7).
+RANKINGS = ("pre-rope", "expected-rope", "bucket-rope")
 # Who chooses the attended tokens: "layer" one ranking per layer, shared by its heads (the paper); "kv-head" each KV
 # head by its own latent query (its G query heads), because on SmolLM2 one shared set loses the few retrieval heads'
 # tokens (EVAL.md sections 5-6).
@@ -86,21 +88,45 @@ class SALSConfig:
         return replace(self, rank=r, score_dims=rs, dense_layers=tuple(sorted(set(dense))))
 
 
-def expected_rotation(inv_freq: Tensor, input_pos: Tensor, sink: int, window: int) -> Tensor:
-    """The mean RoPE rotation between a query at input_pos (b, 1) and the candidates sink <= j <= pos - window,
-    as a (b, Dh/2, 2) float32 (cos, sin) table for model.apply_rope; inv_freq (Dh/2,) float64.
+def mean_rotation(inv_freq: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """The mean RoPE rotation over the integer distances lo..hi (float64 (...), hi >= lo) as a (..., Dh/2, 2)
+    float32 (cos, sin) table for model.apply_rope; inv_freq (Dh/2,) float64.
 
     Per frequency pair, the post-RoPE logit is q_rot(d).k with q_rot(d) = q rotated by d * theta, d = pos - j
-    (the pre-RoPE ranking takes d = 0). d is unknown without rebuilding the key, so take its mean over the
-    candidates, d uniform on the integers window..pos - sink: mean e^(i theta d) = e^(i theta m) sin(n theta/2)
-    / (n sin(theta/2)), m the middle distance, n how many there are. Fast pairs average out (their factor
-    tends to 0) and slow ones stay; theta in (0, 1] keeps sin(theta/2) away from 0. Tensor ops only: no host
-    sync, static shapes."""
-    lo = window
-    hi = (input_pos - sink).clamp(min=lo).double()  # (b, 1): no candidates yet ranks nothing, any table will do
-    n, mid = hi - lo + 1, (hi + lo) / 2
-    damp = torch.sin(n * inv_freq / 2) / (n * torch.sin(inv_freq / 2))  # (b, Dh/2) Dirichlet kernel
+    (the pre-RoPE ranking takes d = 0). d is unknown without rebuilding the key, so take its mean over a range of
+    distances: mean e^(i theta d) = e^(i theta m) sin(n theta/2) / (n sin(theta/2)), m the middle distance, n how
+    many there are. Pairs fast for that range average out (their factor tends to 0) and slow ones stay; theta in
+    (0, 1] keeps sin(theta/2) away from 0."""
+    n, mid = (hi - lo + 1)[..., None], ((hi + lo) / 2)[..., None]
+    damp = torch.sin(n * inv_freq / 2) / (n * torch.sin(inv_freq / 2))  # (..., Dh/2) Dirichlet kernel
     return torch.stack([(mid * inv_freq).cos() * damp, (mid * inv_freq).sin() * damp], -1).float()
+
+
+def expected_rotation(inv_freq: Tensor, input_pos: Tensor, sink: int, window: int) -> Tensor:
+    """(b, Dh/2, 2): mean_rotation over the distances of all candidates sink <= j <= pos - window of a query at
+    input_pos (b, 1), d uniform on window..pos - sink. Tensor ops only: no host sync, static shapes."""
+    hi = (input_pos[:, 0] - sink).clamp(min=window).double()  # no candidates yet ranks nothing: any table will do
+    return mean_rotation(inv_freq, torch.full_like(hi, window), hi)
+
+
+def n_buckets(window: int, max_seq_length: int) -> int:
+    """How many distance buckets [window 2^i, window 2^(i+1)) a cache of max_seq_length positions needs (>= 1)."""
+    return max(1, math.ceil(math.log2(max(max_seq_length, 2 * window) / window)))
+
+
+def bucket_rotations(inv_freq: Tensor, input_pos: Tensor, sink: int, window: int, n: int) -> Tensor:
+    """(b, n, Dh/2, 2): mean_rotation per distance bucket i, the distances window 2^i .. window 2^(i+1) - 1 (the
+    last bucket: up to the end), clipped to the candidates' window..pos - sink of a query at input_pos (b, 1)."""
+    lo = window * 2.0 ** torch.arange(n, dtype=torch.float64, device=input_pos.device)  # (n,)
+    last = (input_pos - sink).double().clamp(min=window)  # (b, 1)
+    hi = torch.cat([lo[1:] - 1, lo.new_tensor([math.inf])]).minimum(last)  # (b, n)
+    return mean_rotation(inv_freq, lo.minimum(hi), hi)  # empty buckets (lo > last) rank nothing: any table
+
+
+def distance_bucket(d: Tensor, window: int, n: int) -> Tensor:
+    """Bucket index of distances d (integer tensor), min(floor(log2(d / window)), n - 1), 0 below window."""
+    edges = window * 2 ** torch.arange(1, n, device=d.device)  # (n - 1,)
+    return (d[..., None] >= edges).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +223,7 @@ class SALSCache(nn.Module):
         self.n_kv_head, self.head_dim, self.G, self.rs = Hkv, Dh, args.n_head // Hkv, rs
         self.n_sink, self.window, self.bits, self.sparsity = cfg.sink, cfg.window, cfg.value_bits, cfg.sparsity
         self.oracle, self.ranking, self.per_head = cfg.selector == "oracle", cfg.ranking, cfg.selection == "kv-head"
+        self.n_buckets = n_buckets(cfg.window, S) if cfg.ranking == "bucket-rope" else 0  # distance buckets ranked
         self.rope = rope_table(args, S) if rope is None else rope
         if self.rope.shape[0] < S or self.rope.shape[1:] != (Dh // 2, 2) or self.rope.dtype != torch.float32:
             raise ValueError(f"rope has shape {tuple(self.rope.shape)} {self.rope.dtype}, expected the model's table "
@@ -242,7 +269,8 @@ class SALSCache(nn.Module):
                 rows: Tensor | None = None) -> Tensor:
         """q (b, H, T, Dh), k, v (b, Hkv, T, Dh) pre-RoPE; input_pos (b, T); rows (b,) or None (all rows).
         Returns (b, H, T, Dh). T > 1 is a prefill chunk; T == 1 is the SALS decode step below: fused Triton kernels
-        on CUDA for all rows with layer selection, else (rows, the oracle, kv-head selection) this PyTorch reference.
+        on CUDA for all rows with layer selection, else (rows, the oracle, kv-head selection, bucket-rope ranking,
+        whose several latent queries the scoring kernel does not take) this PyTorch reference.
         With kv-head selection, idx and keep are (b, Hkv, k_max) and each KV head attends its own tokens."""
         b = torch.arange(q.shape[0], device=q.device) if rows is None else rows
         k_rope = apply_rope(k, rope)
@@ -250,7 +278,8 @@ class SALSCache(nn.Module):
             y = self.prefill(apply_rope(q, rope), k_rope, v, input_pos, b)
             self.write(b, k, k_rope, v, input_pos)
             return y
-        if rows is None and not self.oracle and not self.per_head and (q.is_cuda if FUSED is None else FUSED):
+        if rows is None and not (self.oracle or self.per_head or self.n_buckets) and (
+                q.is_cuda if FUSED is None else FUSED):
             return self.fused_decode(q, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
         q_rope = apply_rope(q, rope)
         self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
@@ -281,32 +310,41 @@ class SALSCache(nn.Module):
     def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
         """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];
         "expected-rope" ranking rotates the sums by expected_rotation first (the same map for every head, so
-        rotating the sum equals summing the rotated heads). q (b, H, 1, Dh), input_pos (b, 1).
-        kv-head selection: (b, Hkv, r*), KV head h's sum alone, placed in its rows, q_sum_h @ U[h*Dh:(h+1)*Dh, :r*]
-        (the layer's query is the sum of these over h)."""
+        rotating the sum equals summing the rotated heads); "bucket-rope" by each distance bucket's rotation
+        (bucket_rotations), one query per bucket: (b, n_buckets, r*). q (b, H, 1, Dh), input_pos (b, 1).
+        kv-head selection: (b, [n_buckets,] Hkv, r*), KV head h's sum alone, placed in its rows,
+        q_sum_h @ U[h*Dh:(h+1)*Dh, :r*] (the layer's query is the sum of these over h)."""
         q_sum = q[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
-        if self.ranking == "expected-rope":
-            rot = expected_rotation(self.inv_freq, input_pos, self.n_sink, self.window)  # (b, Dh/2, 2)
-            q_sum = apply_rope(q_sum[:, :, None], rot[:, None])[:, :, 0]
+        if self.ranking != "pre-rope":
+            rot = (bucket_rotations(self.inv_freq, input_pos, self.n_sink, self.window, self.n_buckets)
+                   if self.n_buckets else expected_rotation(self.inv_freq, input_pos, self.n_sink, self.window)[:, None])
+            q_sum = apply_rope(q_sum[:, None], rot[:, :, None])  # (b, 1 or n_buckets, Hkv, Dh)
+            q_sum = q_sum if self.n_buckets else q_sum[:, 0]
         if self.per_head:
             U_h = self.U[:, :self.rs].unflatten(0, (self.n_kv_head, self.head_dim))  # (Hkv, Dh, r*)
-            return (q_sum[:, :, None] @ U_h)[:, :, 0]
-        return q_sum.flatten(1) @ self.U[:, :self.rs]
+            return (q_sum[..., None, :] @ U_h)[..., 0, :]
+        return q_sum.flatten(-2) @ self.U[:, :self.rs]
 
     def scores(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> Tensor:
         """Steps 2-3: the ranking score (b, S) of every cache position (unwritten ones are garbage), (b, Hkv, S)
         with kv-head selection.
         Latent: q_lat = latent_query(q, input_pos); with "pre-rope" ranking, q_lat . k_lat_j is exactly the sum
         over heads of the pre-RoPE q.k when r* = D, with "expected-rope" the mean of the post-RoPE one over the
-        candidates' distances; oracle: the sum over heads of the true post-RoPE q.k."""
+        candidates' distances, with "bucket-rope" over the candidates' distances in j's distance bucket; oracle: the
+        sum over heads of the true post-RoPE q.k."""
         if self.oracle:
             k_full = self.k_full if rows is None else self.k_full[rows]
             q_sum = q_rope[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
             return torch.einsum("bshd,bhd->bs", k_full, q_sum)
         k_lat = self.k_lat_score if rows is None else self.k_lat_score[rows]  # (b, S, r*)
-        q_lat = self.latent_query(q, input_pos)  # (b, [Hkv,] r*)
-        s = k_lat[:, None] @ q_lat.view(len(k_lat), -1, self.rs, 1)  # (b, 1 or Hkv, S, 1)
-        return s.view(*q_lat.shape[:-1], -1)
+        q_lat = self.latent_query(q, input_pos)  # (b, [n_buckets,] [Hkv,] r*)
+        s = k_lat[:, None] @ q_lat.reshape(len(k_lat), -1, self.rs, 1)  # (b, [n_buckets *] [Hkv], S, 1)
+        s = s.view(*q_lat.shape[:-1], -1)
+        if self.n_buckets:  # each position scored by the query of its distance's bucket
+            bucket = distance_bucket(input_pos - torch.arange(s.shape[-1], device=s.device), self.window,
+                                     self.n_buckets)  # (b, S)
+            s = s.gather(1, bucket.view(len(s), 1, *(1,) * (s.dim() - 3), -1).expand(len(s), 1, *s.shape[2:]))[:, 0]
+        return s
 
     def select(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 4: positions (b, k_max) of the top compressed tokens sink <= j <= pos - window, and which of

@@ -178,7 +178,7 @@ def test_streaming_has_the_same_budget_as_the_other_methods(real):
         evals.method_config("h2o", 1024)
 
 
-@pytest.mark.parametrize("ranking", ["pre-rope", "expected-rope"])
+@pytest.mark.parametrize("ranking", ["pre-rope", "expected-rope", "bucket-rope"])
 def test_ranking_override_reaches_the_sals_caches(real, ranking):
     model, _, calib, _ = real
     a = evals.parse_args(["--methods", "sals-25", "oracle", "--ranking", ranking])

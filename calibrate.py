@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype, load_model, rope_frequencies
-from sals_attention import RANKINGS, SALSConfig, bucket_rotations, distance_bucket, expected_rotation, n_buckets
+from sals_attention import RANKINGS, SALSConfig, bucket_rotations, distance_bucket, n_buckets
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TEXT = ROOT / "data" / "calibration.txt"
@@ -155,8 +155,8 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
       - latent choice: top n by s_j = q_lat . k_lat_j with q_lat = (each KV group's query heads
         summed, concatenated to width D) @ basis and k_lat_j = (k_j, heads concatenated) @ basis,
         both pre-RoPE, exactly as the SALS decode step ranks (ranking "pre-rope"; with "expected-rope",
-        q_lat's head sums are first rotated by sals_attention.expected_rotation at t, from inv_freq; with
-        "bucket-rope" by each distance bucket's rotation, key j scored by its bucket's q_lat);
+        q_lat's head sums are first rotated by sals_attention.bucket_rotations' one bucket at t, from inv_freq;
+        with "bucket-rope" by each distance bucket's rotation, key j scored by its bucket's q_lat);
       - oracle choice: top n candidates by a_j;
       - ratio = a(sinks + window + latent choice) / a(sinks + window + oracle choice), <= 1.
     Returns the mean ratio over positions with n > 0 (nan if none). 1.0 means latent ranking loses
@@ -169,17 +169,15 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
     q_sum = q.reshape(Hkv, H // Hkv, T, Dh).sum(1)  # (Hkv, T, Dh)
     if ranking not in RANKINGS:
         raise ValueError(f"overlap_score: unknown ranking {ranking!r} (one of {', '.join(RANKINGS)}).")
-    n_b = n_buckets(window, T) if ranking == "bucket-rope" else 1
-    if ranking != "pre-rope":
+    n_b = n_buckets(ranking, window, T)
+    q_sum = q_sum.transpose(0, 1)[:, None]  # (T, 1, Hkv, Dh)
+    if n_b:
         if inv_freq is None:
             raise ValueError(f"overlap_score with ranking {ranking!r} needs inv_freq (model.rope_frequencies).")
         pos, inv_freq = torch.arange(T, device=q.device)[:, None], inv_freq.to(q.device)
-        rot = (bucket_rotations(inv_freq, pos, sink, window, n_b) if ranking == "bucket-rope"
-               else expected_rotation(inv_freq, pos, sink, window)[:, None])  # (T, n_b, Dh/2, 2)
-        q_sum = apply_rope(q_sum.transpose(0, 1)[:, None], rot[:, :, None])  # (T, n_b, Hkv, Dh)
-    else:
-        q_sum = q_sum.transpose(0, 1)[:, None]  # (T, 1, Hkv, Dh)
-    q_lat = q_sum.flatten(-2) @ basis  # (T, n_b, r*): one latent query per distance bucket
+        rot = bucket_rotations(inv_freq, pos, sink, window, n_b)  # (T, n_b, Dh/2, 2)
+        q_sum = apply_rope(q_sum, rot[:, :, None])  # (T, n_b, Hkv, Dh)
+    q_lat = q_sum.flatten(-2) @ basis  # (T, max(n_b, 1), r*): one latent query per distance bucket
     k_lat = k.transpose(0, 1).reshape(T, -1) @ basis  # (T, r*)
     j = torch.arange(T, device=q.device)
     ratios = []
@@ -196,7 +194,7 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
         def kept(score: Tensor) -> Tensor:  # attention mass of the top-`budget` middle tokens by score
             idx = score.masked_fill(~middle, float("-inf")).topk(k_max, dim=-1).indices
             return (attn.gather(-1, idx) * ranks_ok).sum(-1)
-        bucket = distance_bucket(t[:, None] - j, window, n_b)  # (n, T)
+        bucket = distance_bucket(t[:, None] - j, window, max(n_b, 1))  # (n, T)
         latent = (q_lat[t] @ k_lat.T).gather(1, bucket[:, None])[:, 0]  # (n, T): each key by its bucket's query
         ratio = (always + kept(latent)) / (always + kept(attn))
         ratios.append(ratio[budget > 0])

@@ -23,9 +23,9 @@ GROUP = 32  # value channels sharing one scale and zero
 FUSED = None  # decode with the Triton kernels of kernels/: None = on CUDA tensors; True/False forces it (tests)
 
 # How a decode step ranks the compressed tokens: "pre-rope" by the RoPE-free q.k (the paper); "expected-rope" by
-# q.k with q rotated by RoPE's rotation averaged over the candidates' distances (expected_rotation); "bucket-rope" the
-# same average taken per distance bucket [W 2^i, W 2^(i+1)) (W the window), each token ranked by its bucket's query
-# (bucket_rotations): a narrower range of distances damps fewer RoPE frequencies (EVAL.md section 7).
+# q.k with q rotated by RoPE's rotation averaged over the candidates' distances; "bucket-rope" the same average taken
+# per distance bucket [W 2^i, W 2^(i+1)) (W the window), each token ranked by its bucket's query: a narrower range of
+# distances damps fewer RoPE frequencies (EVAL.md section 7). Both are bucket_rotations, with one bucket or several.
 RANKINGS = ("pre-rope", "expected-rope", "bucket-rope")
 # Who chooses the attended tokens: "layer" one ranking per layer, shared by its heads (the paper); "kv-head" each KV
 # head by its own latent query (its G query heads), because on SmolLM2 one shared set loses the few retrieval heads'
@@ -102,21 +102,18 @@ def mean_rotation(inv_freq: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return torch.stack([(mid * inv_freq).cos() * damp, (mid * inv_freq).sin() * damp], -1).float()
 
 
-def expected_rotation(inv_freq: Tensor, input_pos: Tensor, sink: int, window: int) -> Tensor:
-    """(b, Dh/2, 2): mean_rotation over the distances of all candidates sink <= j <= pos - window of a query at
-    input_pos (b, 1), d uniform on window..pos - sink. Tensor ops only: no host sync, static shapes."""
-    hi = (input_pos[:, 0] - sink).clamp(min=window).double()  # no candidates yet ranks nothing: any table will do
-    return mean_rotation(inv_freq, torch.full_like(hi, window), hi)
-
-
-def n_buckets(window: int, max_seq_length: int) -> int:
-    """How many distance buckets [window 2^i, window 2^(i+1)) a cache of max_seq_length positions needs (>= 1)."""
-    return max(1, math.ceil(math.log2(max(max_seq_length, 2 * window) / window)))
+def n_buckets(ranking: str, window: int, max_seq_length: int) -> int:
+    """How many distance buckets [window 2^i, window 2^(i+1)) a ranking averages RoPE's rotation over in a cache of
+    max_seq_length positions: 0 for "pre-rope" (no rotation), 1 for "expected-rope" (all candidates at once)."""
+    if ranking == "bucket-rope":
+        return max(1, math.ceil(math.log2(max(max_seq_length, 2 * window) / window)))
+    return int(ranking == "expected-rope")
 
 
 def bucket_rotations(inv_freq: Tensor, input_pos: Tensor, sink: int, window: int, n: int) -> Tensor:
     """(b, n, Dh/2, 2): mean_rotation per distance bucket i, the distances window 2^i .. window 2^(i+1) - 1 (the
-    last bucket: up to the end), clipped to the candidates' window..pos - sink of a query at input_pos (b, 1)."""
+    last bucket: up to the end), clipped to the candidates' window..pos - sink of a query at input_pos (b, 1); with
+    n = 1, d uniform on window..pos - sink. Tensor ops only: no host sync, static shapes."""
     lo = window * 2.0 ** torch.arange(n, dtype=torch.float64, device=input_pos.device)  # (n,)
     last = (input_pos - sink).double().clamp(min=window)  # (b, 1)
     hi = torch.cat([lo[1:] - 1, lo.new_tensor([math.inf])]).minimum(last)  # (b, n)
@@ -223,7 +220,7 @@ class SALSCache(nn.Module):
         self.n_kv_head, self.head_dim, self.G, self.rs = Hkv, Dh, args.n_head // Hkv, rs
         self.n_sink, self.window, self.bits, self.sparsity = cfg.sink, cfg.window, cfg.value_bits, cfg.sparsity
         self.oracle, self.ranking, self.per_head = cfg.selector == "oracle", cfg.ranking, cfg.selection == "kv-head"
-        self.n_buckets = n_buckets(cfg.window, S) if cfg.ranking == "bucket-rope" else 0  # distance buckets ranked
+        self.n_buckets = n_buckets(cfg.ranking, cfg.window, S)  # distance buckets of RoPE's mean rotation
         self.rope = rope_table(args, S) if rope is None else rope
         if self.rope.shape[0] < S or self.rope.shape[1:] != (Dh // 2, 2) or self.rope.dtype != torch.float32:
             raise ValueError(f"rope has shape {tuple(self.rope.shape)} {self.rope.dtype}, expected the model's table "
@@ -278,7 +275,7 @@ class SALSCache(nn.Module):
             y = self.prefill(apply_rope(q, rope), k_rope, v, input_pos, b)
             self.write(b, k, k_rope, v, input_pos)
             return y
-        if rows is None and not (self.oracle or self.per_head or self.n_buckets) and (
+        if rows is None and not (self.oracle or self.per_head or self.n_buckets > 1) and (
                 q.is_cuda if FUSED is None else FUSED):
             return self.fused_decode(q, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
         q_rope = apply_rope(q, rope)
@@ -309,17 +306,16 @@ class SALSCache(nn.Module):
 
     def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
         """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];
-        "expected-rope" ranking rotates the sums by expected_rotation first (the same map for every head, so
-        rotating the sum equals summing the rotated heads); "bucket-rope" by each distance bucket's rotation
-        (bucket_rotations), one query per bucket: (b, n_buckets, r*). q (b, H, 1, Dh), input_pos (b, 1).
+        "expected-rope" ranking rotates the sums by bucket_rotations' one bucket first (the same map for every head,
+        so rotating the sum equals summing the rotated heads); "bucket-rope" by each distance bucket's rotation, one
+        query per bucket: (b, n_buckets, r*). q (b, H, 1, Dh), input_pos (b, 1).
         kv-head selection: (b, [n_buckets,] Hkv, r*), KV head h's sum alone, placed in its rows,
         q_sum_h @ U[h*Dh:(h+1)*Dh, :r*] (the layer's query is the sum of these over h)."""
         q_sum = q[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
-        if self.ranking != "pre-rope":
-            rot = (bucket_rotations(self.inv_freq, input_pos, self.n_sink, self.window, self.n_buckets)
-                   if self.n_buckets else expected_rotation(self.inv_freq, input_pos, self.n_sink, self.window)[:, None])
-            q_sum = apply_rope(q_sum[:, None], rot[:, :, None])  # (b, 1 or n_buckets, Hkv, Dh)
-            q_sum = q_sum if self.n_buckets else q_sum[:, 0]
+        if self.n_buckets:
+            rot = bucket_rotations(self.inv_freq, input_pos, self.n_sink, self.window, self.n_buckets)
+            q_sum = apply_rope(q_sum[:, None], rot[:, :, None])  # (b, n_buckets, Hkv, Dh)
+            q_sum = q_sum if self.n_buckets > 1 else q_sum[:, 0]
         if self.per_head:
             U_h = self.U[:, :self.rs].unflatten(0, (self.n_kv_head, self.head_dim))  # (Hkv, Dh, r*)
             return (q_sum[..., None, :] @ U_h)[..., 0, :]
@@ -340,7 +336,7 @@ class SALSCache(nn.Module):
         q_lat = self.latent_query(q, input_pos)  # (b, [n_buckets,] [Hkv,] r*)
         s = k_lat[:, None] @ q_lat.reshape(len(k_lat), -1, self.rs, 1)  # (b, [n_buckets *] [Hkv], S, 1)
         s = s.view(*q_lat.shape[:-1], -1)
-        if self.n_buckets:  # each position scored by the query of its distance's bucket
+        if self.n_buckets > 1:  # each position scored by the query of its distance's bucket
             bucket = distance_bucket(input_pos - torch.arange(s.shape[-1], device=s.device), self.window,
                                      self.n_buckets)  # (b, S)
             s = s.gather(1, bucket.view(len(s), 1, *(1,) * (s.dim() - 3), -1).expand(len(s), 1, *s.shape[2:]))[:, 0]

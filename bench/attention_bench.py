@@ -4,9 +4,9 @@
     python bench/attention_bench.py --check      # kernels vs the PyTorch reference at real sizes
     python bench/attention_bench.py --fast       # short check, launch-setting sweep, four SALS-12.5% shapes (< 4 min)
 
-The SALS step is SALSCache.forward for one new token, everything a step needs: RoPE of q and k, latent
+The SALS step is SALSCache.forward for one new token, everything a step needs: RoPE of k, latent
 projection and quantization of the new token and its writes, latent query, scoring, the radix select, the
-fused gather/rebuild/attend kernel and the split combine. SDPA gets q (B, 32, 1, 128) and bf16 K, V
+fused gather/rebuild/attend kernel (which rotates q) and the split combine. SDPA gets q (B, 32, 1, 128) and bf16 K, V
 (B, hkv, S, 128) with enable_gqa. Both are captured in CUDA graphs and timed with triton's do_bench
 (median; do_bench clears the L2 cache before every call, so no input set is ever read from L2).
 The step is torch.compile'd (default mode; --eager to compare) before capture, as generate.py does.
@@ -323,11 +323,13 @@ def sweep(shape: str, S: int, B: int) -> list[str]:
         n = 1 + sd.split_count(idx.shape[1], B * Hkv // sd.heads_per_program(Hkv, cfg), cfg)
         m, l = poisoned(B, H, n, device="cuda"), poisoned(B, H, n, device="cuda")
         acc = poisoned(B, H, n, q.shape[-1], device="cuda")
+        out = torch.empty(B, H, q.shape[-1], dtype=q.dtype, device="cuda")  # what the step's combine kernel writes
         name = " ".join(f"{key}={val}" for key, val in cfg.items())
         try:
             handle = sd.launch_decode(*args, m, l, acc, cfg)
-            err = rel_err(sd.combine_splits(m, l, acc)[:, :, None], ref)
-            t = graph_us(lambda: (sd.launch_decode(*args, m, l, acc, cfg), sd.combine_splits(m, l, acc)))
+            sd.launch_combine(m, l, acc, out)
+            err = rel_err(out[:, :, None], ref)
+            t = graph_us(lambda: (sd.launch_decode(*args, m, l, acc, cfg), sd.launch_combine(m, l, acc, out)))
         except Exception as e:  # a variant that does not compile (shared memory, registers) is reported, not fatal
             rows.append(f"| {shape} {S} B={B} | {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | |")
             print(rows[-1], flush=True)
@@ -473,7 +475,7 @@ def main(argv=None):
         rows += new
         torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, one layer, us = median per step "
-          f"(CUDA graph, L2 cleared), step compiled={not args.eager}")
+          f"(CUDA graph, L2 cleared), step compiled={not args.eager}, copy ceiling {copy_ceiling() / 1e12:.2f} TB/s")
     print("| shape | S | B | method | us / layer | speed-up | bytes read | bandwidth | scores / select / attn us |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))

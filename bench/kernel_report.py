@@ -32,17 +32,20 @@ POINTERS = dict(q_ptr="*bf16", sink_k_ptr="*bf16", sink_v_ptr="*bf16", win_k_ptr
 SHAPES = {"mha": dict(G=1, RS=256, RR=256), "gqa": dict(G=4, RS=64, RR=64)}
 
 
-# the other kernels of a step at Mistral-7B 32K, B=8 (S = 32768 + 32, k = 4020, 65 splits): kernel, pointer types,
-# constexprs
-OTHERS = [(topk._histogram_kernel, dict(s_ptr="*fp32", n_ptr="*i32", hist_ptr="*i32"),
-           dict(S=32800, K=4020, CHUNK=topk.CHUNK, PASS=p)) for p in range(4)] + [
+# the other kernels of a step at Mistral-7B 32K, B=8 (S = 32768 + 32, k = 4020, 65 splits), with the constexprs
+# kernels/topk.launch_select and sals_decode.launch_combine derive: kernel, pointer types, constexprs
+S, K, N_SPLIT = 32800, 4020, 65
+N_CHUNK = triton.cdiv(S, topk.CHUNK)
+SELECT = dict(S=S, K=K, CHUNK=topk.CHUNK)
+OTHERS = [(topk._histogram_kernel, dict(s_ptr="*fp32", n_ptr="*i32", hist_ptr="*i32"), dict(SELECT, PASS=p))
+          for p in range(4)] + [
     (topk._count_kernel, dict(s_ptr="*fp32", n_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32"),
-     dict(S=32800, K=4020, CHUNK=topk.CHUNK, N_CHUNK=33)),
+     dict(SELECT, N_CHUNK=N_CHUNK)),
     (topk._write_kernel, dict(s_ptr="*fp32", n_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", idx_ptr="*i64",
                               keep_ptr="*i1"),
-     dict(S=32800, K=4020, CHUNK=topk.CHUNK, N_CHUNK=33, N_POW=64, K_PER=122)),
+     dict(SELECT, N_CHUNK=N_CHUNK, N_POW=triton.next_power_of_2(N_CHUNK), K_PER=triton.cdiv(K, N_CHUNK))),
     (sals_decode._combine_kernel, dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16"),
-     dict(N=65, N_P=128, HD=128, BLOCK=16))]
+     dict(N=N_SPLIT, N_P=triton.next_power_of_2(N_SPLIT), HD=128, BLOCK=16))]
 
 
 def compile_sm90(cfg: dict, G: int, RS: int, RR: int):

@@ -8,7 +8,7 @@ torch.topk (SALSCache.top, the reference) gives the same set up to the order of 
 Every pass runs over (row, chunk of CHUNK scores) programs, so a row is spread over the whole GPU: one program per
 row (the previous version) took 141-148 us at B=8, 32K on an H200, where 8 programs did all the work; this one
 24-34 us at 4K-32K and B = 1-16, against torch.topk's 43-116 (BENCHMARKS.md), but more than the 18 us the one-program
-kernel took at 4K: six launches in a CUDA graph cost ~4 us each.
+kernel took at 4K: six launches in a CUDA graph, about 4 us each by that count.
 Each program adds its chunk's histogram to the row's in global memory (integer atomics: the sums, and so the
 result, do not depend on the order) and replays the earlier passes' choices from those histograms, so the
 passes share no other state: six launches, no host sync, static shapes.

@@ -334,7 +334,9 @@ class SALSCache(nn.Module):
             return torch.einsum("bshd,bhd->bs", k_full, q_sum)
         k_lat = self.k_lat_score if rows is None else self.k_lat_score[rows]  # (b, S, r*)
         q_lat = self.latent_query(q, input_pos)  # (b, [n_buckets,] [Hkv,] r*)
-        s = k_lat[:, None] @ q_lat.reshape(len(k_lat), -1, self.rs, 1)  # (b, [n_buckets *] [Hkv], S, 1)
+        # at least float32, as the scoring kernel: 16-bit scores tie often, and ties rank in no defined order
+        wide = torch.promote_types(k_lat.dtype, torch.float32)
+        s = k_lat.to(wide)[:, None] @ q_lat.to(wide).reshape(len(k_lat), -1, self.rs, 1)  # (b, [n_buckets*][Hkv], S, 1)
         s = s.view(*q_lat.shape[:-1], -1)
         if self.n_buckets > 1:  # each position scored by the query of its distance's bucket
             bucket = distance_bucket(input_pos - torch.arange(s.shape[-1], device=s.device), self.window,

@@ -4,7 +4,8 @@
 # the markdown table of every run is printed last (rows of a run cut short by its timeout included).
 #   `bash bench/gpu_e2e.sh`: Llama-2-7B and Mistral-7B, prompts 4K-32K, batch 8, the three methods (one process per
 #   shape; the Llama-2 one needs more than its 150 s for the 32K SALS-12.5% row, which `largest` times).
-#   `bash bench/gpu_e2e.sh largest`: the largest batch that fits at 32K, for each shape and method, and its timing.
+#   `bash bench/gpu_e2e.sh largest`: the largest batch that fits at 32K, for each shape and method, and its timing, each
+#   batch in its own process.
 # H200 (bench/NOTES.md, 2026-12-01, calls 4-5): the batch-8 runs ~300 s with the warm-up (the call also ran two
 # --max_batch searches, since taken out: they stalled); `largest` 442 s, most of it the timeouts of runs that stalled
 # after a batch near the memory limit (NOTES.md: each batch in its own process next).
@@ -14,19 +15,32 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${1:-}" = largest ]; then
-  # b: the largest batch at 32K, one process per shape and method, the batches given: --max_batch's search stopped
-  # making progress after its first out-of-memory try in two calls (2026-12-01), so the candidates come from
-  # bench/kv_memory.py's bytes per sequence and the peak memory of the batch-8 rows, and each run goes up from a batch
-  # that fits until one does not ("out of memory" row); a timeout only loses the rows after the last printed one.
-  big() { log=$1; limit=$2; shift 2; echo "== $*"
-          timeout "$limit" python bench/decode_bench.py --graph --steps 16 --prompt 32768 "$@" 2>&1 | grep -v Warning \
-              | tee "$OUT/$log" | grep '^| [lm]'; echo "$log exit status $?"; }
-  big b_llama_dense.log 55 --shape llama-2-7b --method dense --batch 7 8
-  big b_llama_25.log 75 --shape llama-2-7b --method sals-25 --batch 21 22 23
-  big b_llama_125.log 90 --shape llama-2-7b --method sals-12.5 --batch 8 31 32 33
-  big b_mistral_dense.log 55 --shape mistral-7b --method dense --batch 31 32
-  big b_mistral_25.log 75 --shape mistral-7b --method sals-25 --batch 88 89 90
-  big b_mistral_125.log 85 --shape mistral-7b --method sals-12.5 --batch 131 132 133
+  # b: the largest batch at 32K, for each shape and method: each batch in its own process (in one process the run
+  # after a batch near the memory limit stalled, 2026-12-01), upward from a batch known to fit (bench/kv_memory.py's
+  # bytes per sequence, the batch-8 rows' peak memory) until one does not ("out of memory" row) or a run is cut by its
+  # timeout; one log per shape and method.
+  big() { name=$1; limit=$2; args=$3; shift 3; echo "== $name: $args"
+          for b in "$@"; do
+              timeout "$limit" python bench/decode_bench.py --graph --steps 16 --prompt 32768 $args --batch "$b" 2>&1 \
+                  | grep -v Warning > /tmp/batch.log; status=$?
+              cat /tmp/batch.log >> "$OUT/b_$name.log"
+              grep '^| [lm]' /tmp/batch.log | tail -1; echo "batch $b exit status $status (124: timeout)"
+              { [ $status = 0 ] && ! grep -q "out of memory |" /tmp/batch.log; } || break
+          done; }
+  # `largest`: each largest batch timed (one call, ~5 min); `largest next`: the batch after each, which must run out of
+  # memory (2026-12-02: 23, 34, 89; dense 8 and 32 and SALS-12.5% Mistral 132 ran out on 2026-12-01).
+  if [ "${2:-}" = next ]; then
+    big llama_25 75 "--shape llama-2-7b --method sals-25" 22 23
+    big llama_125 75 "--shape llama-2-7b --method sals-12.5" 32 33 34
+    big mistral_25 75 "--shape mistral-7b --method sals-25" 89
+    exit 0
+  fi
+  big llama_dense 75 "--shape llama-2-7b --method dense" 7
+  big llama_25 75 "--shape llama-2-7b --method sals-25" 22
+  big llama_125 75 "--shape llama-2-7b --method sals-12.5" 33
+  big mistral_dense 75 "--shape mistral-7b --method dense" 31
+  big mistral_25 75 "--shape mistral-7b --method sals-25" 88
+  big mistral_125 90 "--shape mistral-7b --method sals-12.5" 131
   exit 0
 fi
 # The Triton kernels of every SALS run below, compiled side by side first (one-layer steps with the same cache shapes:

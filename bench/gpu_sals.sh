@@ -4,6 +4,8 @@
 # `bash bench/gpu_sals.sh grid` (~8 min on an H200): the check, the radix select against torch.topk, then SALS-12.5% and
 # 25% against SDPA at every cell of issue 4's grid (S 4K-32K, B 1, 8, 16, both shapes), the step eager in a CUDA graph,
 # and compiled (torch.compile, then a graph) at the cells the targets name; kernels compiled beforehand in parallel.
+# `bash bench/gpu_sals.sh sweep` (~3 min): the check, the fused kernel's launch variants timed alone, then the fastest in the
+# eager step against SDPA at five cells.
 # `bash bench/gpu_sals.sh fast` (< 8 min on a warm H100): the kernels checked at two real sizes, the fused kernel's
 # launch-setting sweep (fastest variant kept), then SALS-12.5% (Triton and PyTorch reference) vs SDPA at six shapes (bench/attention_bench.py --fast).
 set -o pipefail
@@ -37,6 +39,17 @@ if [ "${1:-}" = grid ]; then  # the whole one-layer grid of issue 4, eager step 
   timeout 150 python bench/attention_bench.py --configs "${targets[@]}" 2>&1 | grep -v Warning > "$OUT/grid_compiled.log"
   echo "grid_compiled exit status: $? (124 = ran out of time)"
   for log in grid_eager.log grid_compiled.log; do echo "== $log"; grep "^| " "$OUT/$log" | grep -v "^| shape\|^| ---" | sort -u; done
+  exit 0
+fi
+if [ "${1:-}" = sweep ]; then  # (~3 min on an H200) the check, then the fused kernel's launch variants (attention_bench.SWEEP) at four
+  # cells, the fastest of each family then timed in the eager step (CUDA graph) against SDPA at the target cells
+  timeout 200 python bench/attention_bench.py --check 2>&1 | grep -v Warning | tee "$OUT/check.log"
+  echo "check exit status: $? (0 = every kernel and step within tolerance)"
+  timeout 330 python bench/attention_bench.py --eager --fraction 0.125 0.25 \
+      --sweep llama-2-7b:4096:8 llama-2-7b:32768:8 mistral-7b:4096:8 mistral-7b:32768:8 \
+      --configs llama-2-7b:4096:8 llama-2-7b:4096:16 llama-2-7b:32768:8 mistral-7b:4096:8 mistral-7b:32768:8 \
+      2>&1 | grep -v Warning > "$OUT/sweep.log"
+  echo "sweep exit status: $? (124 = ran out of time)"; grep "^| " "$OUT/sweep.log" | grep -v "^| shape\|^| ---"
   exit 0
 fi
 if [ "${1:-}" = fast ]; then

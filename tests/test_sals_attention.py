@@ -250,6 +250,18 @@ def test_group_summed_latent_query_is_exact_at_full_rank(heads):
     feed_layer(SALSConfig(rank=D, score_dims=D, value_bits=16, sink=2, window=3), args, [5, 11], 4, U, on_step)
 
 
+def test_bf16_cache_ranks_with_float32_scores():
+    """A 16-bit cache's ranking scores are float32 sums of its 16-bit latents, as the scoring kernel's: scores rounded
+    to bf16 tie often, and ties at the budget's edge rank in no defined order (on the GPU the reference step then
+    chose other tokens than the kernels at Llama-2 32K). Bound: float32 accumulation of exact products."""
+    from bench.attention_bench import random_cache
+    cache, q, _, _, pos, _ = random_cache(2, 300, 8, 2, 64, fraction=0.25, pos=[299, 150], seed=5)  # bfloat16
+    s = cache.scores(q, None, pos, None)  # (2, 300)
+    terms = cache.k_lat_score.double() * cache.latent_query(q, pos).double()[:, None]  # (2, 300, r*)
+    assert s.dtype == torch.float32 and cache.k_lat_score.dtype == torch.bfloat16
+    assert ((s.double() - terms.sum(-1)).abs() <= terms.shape[-1] * 2 ** -24 * terms.abs().sum(-1)).all()
+
+
 @pytest.mark.parametrize("ranking", ["expected-rope", "bucket-rope"])
 @pytest.mark.parametrize("heads", [(6, 2), (3, 3)])
 def test_expected_rope_query_is_the_mean_post_rope_logit(heads, ranking):

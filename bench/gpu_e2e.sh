@@ -6,9 +6,9 @@
 #   shape; the Llama-2 one needs more than its 150 s for the 32K SALS-12.5% row, which `largest` times).
 #   `bash bench/gpu_e2e.sh largest`: the largest batch that fits at 32K, for each shape and method, and its timing, each
 #   batch in its own process.
-# H200 (bench/NOTES.md, 2026-12-01, calls 4-5): the batch-8 runs ~300 s with the warm-up (the call also ran two
-# --max_batch searches, since taken out: they stalled); `largest` 442 s, most of it the timeouts of runs that stalled
-# after a batch near the memory limit (NOTES.md: each batch in its own process next).
+# H200 (bench/NOTES.md): the batch-8 runs ~300 s with the warm-up (2026-12-01, call 4); `largest` 253 s and
+# `largest next` 226 s (2026-12-02, calls 5 and 3; in one process per shape and method, runs after a batch near the
+# memory limit stalled on 2026-12-01: each batch now has its own process).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"

@@ -27,8 +27,9 @@ if [ "${1:-}" = largest ]; then
               grep '^| [lm]' /tmp/batch.log | tail -1; echo "batch $b exit status $status (124: timeout)"
               { [ $status = 0 ] && ! grep -q "out of memory |" /tmp/batch.log; } || break
           done; }
-  # `largest`: each largest batch timed (one call, ~5 min); `largest next`: the batch after each, which must run out of
-  # memory (2026-12-02: 23, 34, 89; dense 8 and 32 and SALS-12.5% Mistral 132 ran out on 2026-12-01).
+  # `largest`: each largest batch timed (one call, ~5 min). `largest next`: the batches tried above the lower bounds of
+  # 2026-12-01 up to the first that ran out of memory (2026-12-02: 23, 34, 89; dense 8 and 32 and SALS-12.5% Mistral
+  # 132 ran out on 2026-12-01).
   if [ "${2:-}" = next ]; then
     big llama_25 75 "--shape llama-2-7b --method sals-25" 22 23
     big llama_125 75 "--shape llama-2-7b --method sals-12.5" 32 33 34

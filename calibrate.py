@@ -10,10 +10,8 @@ D = n_kv_head * head_dim, without ever storing the keys; saves its eigenvectors 
 It also reports per layer how much key energy the 25% and 12.5% ranks keep and how well latent
 top-k ranks tokens (overlap_score), measured on held-out sequences that do not enter C.
 
-Default corpus: data/calibration.txt is characters [0, 250105) of ../shared/data/pride_and_prejudice.txt
-(Project Gutenberg text, public domain), cut at a paragraph end, plus a final newline. Everything from
-character 250107 of that file on ("“Oh, yes! of that kind of love...") is held out: measure perplexity
-there only.
+Default corpus: data/calibration.txt, the first part of Pride and Prejudice (public domain); the rest of the
+novel, data/heldout.txt, is never calibrated on (data/README.md).
 """
 import argparse
 import hashlib

@@ -45,11 +45,8 @@ from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype
 from sals_attention import RANKINGS, SELECTIONS, SALSConfig, setup_sals, top_within_budget
 
 ROOT = Path(__file__).resolve().parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
-PRIDE = SHARED_DATA / "pride_and_prejudice.txt"
-PG_ESSAYS = SHARED_DATA / "pg_essays"
-# calibrate.py's docstring: data/calibration.txt ends before this character; the rest is held out.
-PRIDE_HELD_OUT, PRIDE_HELD_OUT_START = 250107, "“Oh, yes! of that kind of love"
+HELD_OUT = ROOT / "data" / "heldout.txt"  # the part of Pride and Prejudice that calibration never sees (data/README.md)
+HELD_OUT_START = "“Oh, yes! of that kind of love"
 METHODS = ("dense", "sals-25", "sals-12.5", "oracle", "oracle-head", "streaming")
 PRESETS = {"sals-25": 0.25, "sals-12.5": 0.125}
 SHARED_FIELDS = ("sparsity", "sink", "window", "dense_layers")  # the overrides every non-dense method takes
@@ -198,19 +195,12 @@ def decode_step(model: Transformer, tokens: Tensor, pos: int) -> Tensor:
 # 1. Perplexity.
 
 def held_out_tokens(tokenizer, path: Path | None = None) -> list[int]:
-    """Token ids of the perplexity text: by default the part of pride_and_prejudice.txt that calibration never
-    saw; else the whole file at path."""
-    if path is None:
-        text = PRIDE.read_text(encoding="utf-8")
-        if not text[PRIDE_HELD_OUT:].startswith(PRIDE_HELD_OUT_START):
-            raise ValueError(f"{PRIDE} changed: character {PRIDE_HELD_OUT} no longer starts the held-out part "
-                             f"({PRIDE_HELD_OUT_START!r}) that calibrate.py's docstring names.")
-        text = text[PRIDE_HELD_OUT:]
-    else:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--ppl_text {path} does not exist.")
-        text = Path(path).read_text(encoding="utf-8")
-    return tokenizer.encode(text)
+    """Token ids of the perplexity text: by default data/heldout.txt, which calibration never sees; else the
+    whole file at path."""
+    path = HELD_OUT if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ppl_text {path} does not exist.")
+    return tokenizer.encode(path.read_text(encoding="utf-8"))
 
 
 @torch.inference_mode()
@@ -251,12 +241,9 @@ QUESTION = "\n\nWhat is the pass key? The pass key is"
 SNAP = 64  # the needle moves back up to this many tokens to start after a sentence
 
 
-def haystack_tokens(tokenizer, folder: Path = PG_ESSAYS) -> list[int]:
-    files = sorted(Path(folder).glob("*.txt"))
-    if not files:
-        raise FileNotFoundError(f"no *.txt essays in {folder}: the pass-key haystack is read from "
-                                f"../shared/data/pg_essays.")
-    return tokenizer.encode("\n\n".join(f.read_text(encoding="utf-8") for f in files))
+def haystack_tokens(tokenizer, path: Path = HELD_OUT) -> list[int]:
+    """The pass-key haystack: real text the calibration never saw (data/heldout.txt by default)."""
+    return held_out_tokens(tokenizer, path)
 
 
 def passkey_prompt(tokenizer, haystack: list[int], length: int, depth: float, key: str,
@@ -438,7 +425,7 @@ def parse_args(argv=None):
     p.add_argument("--tag", default="main", help="names the outputs: <out>/<tag>.json, <out>/passkey_<tag>_*.png")
     e = p.add_argument_group("evaluations")
     e.add_argument("--ppl_text", type=Path, nargs="+", default=[None],
-                   help="texts for perplexity (default: the held-out part of pride_and_prejudice.txt)")
+                   help="texts for perplexity (default: data/heldout.txt, never calibrated on)")
     e.add_argument("--ppl_contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     e.add_argument("--ppl_windows", type=int, nargs="+", default=[2],
                    help="windows per context: one number, or one per --ppl_contexts")

@@ -189,7 +189,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=1234)
-    s = p.add_argument_group("SALS compressed KV cache (see ../shared/SALS.md)")
+    s = p.add_argument_group("SALS compressed KV cache (see docs/sals.md)")
     s.add_argument("--sals", type=float, choices=[0.25, 0.125], default=None,
                    help="preset: latent rank D/4 with 4-bit values, or D/8 with 2-bit values; sparsity 1/8, "
                         "16 sinks, 64-token window, layers 0, 1 and last dense")

@@ -1,4 +1,4 @@
-"""SALS: sparse attention in latent space (spec: ../shared/SALS.md), the compressed KV cache of one layer.
+"""SALS: sparse attention in latent space (docs/sals.md), the compressed KV cache of one layer.
 
 Keys are kept only as low-rank latents of the pre-RoPE keys (all KV heads concatenated, projected on
 the calibrated basis U); values are quantized per token in groups of 32. A decode step ranks every

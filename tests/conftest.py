@@ -5,7 +5,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 
 
 @pytest.fixture(scope="session")
@@ -17,9 +17,10 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} missing: the tests read real text from ../shared/data"
-    return SHARED_DATA
+def novel() -> str:
+    """The whole of Pride and Prejudice as shipped in data/ (calibration slice, then the held-out rest):
+    character offsets are those of the Project Gutenberg text."""
+    return (DATA / "calibration.txt").read_text(encoding="utf-8") + "\n" + (DATA / "heldout.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

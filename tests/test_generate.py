@@ -53,9 +53,9 @@ def test_incremental_decode_equals_full_forward_random(n_kv_head):
     assert_incremental_equals_full(random_model(n_kv_head), torch.randint(0, 97, (2, 90)), 50, 1e-5)
 
 
-def test_incremental_decode_equals_full_forward_smollm2(smol, shared_data):
+def test_incremental_decode_equals_full_forward_smollm2(smol, novel):
     model, tok = smol
-    ids = torch.tensor(tok.encode((shared_data / "pride_and_prejudice.txt").read_text()[5000:6000])[:120])[None]
+    ids = torch.tensor(tok.encode(novel[5000:6000])[:120])[None]
     assert_incremental_equals_full(model, ids, 80, 1e-4)
 
 
@@ -205,10 +205,10 @@ def test_decode_step_without_host_sync_compiles_fullgraph():
 # --sals on the command line.
 
 @pytest.fixture(scope="module")
-def long_question(shared_data, tmp_path_factory):
+def long_question(novel, tmp_path_factory):
     """~1500 tokens of a novel, then a question: the answer is decoded while SALS compresses and
     selects (budget 1/8 of ~1500 tokens = 16 sinks + 64 window + ~106 selected)."""
-    passage = (shared_data / "pride_and_prejudice.txt").read_text()[300000:306000]
+    passage = novel[300000:306000]
     path = tmp_path_factory.mktemp("prompt") / "question.txt"
     path.write_text(f"Here is a passage from a novel:\n\n{passage}\n\nNow answer this question: "
                     f"What is the capital of France?")

@@ -120,10 +120,10 @@ def test_quantize_random_values(bits, dtype):
 
 
 @pytest.fixture(scope="module")
-def real_values(smollm2_dir, shared_data):
+def real_values(smollm2_dir, novel):
     """Values (pre-attention, as cached) of 6 layers of SmolLM2 on 400 tokens of real text."""
     from tokenizer import load_tokenizer
-    text = (shared_data / "pride_and_prejudice.txt").read_text()[20000:24000]
+    text = novel[20000:24000]
     ids = torch.tensor(load_tokenizer(smollm2_dir).encode(text)[:400])
     model = load_model(smollm2_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -307,7 +307,7 @@ def test_expected_rope_query_is_the_mean_post_rope_logit(heads, ranking):
     assert max(gaps["pre-rope"]) > 1 and max(gaps["flipped"]) > 1, {k: max(v) for k, v in gaps.items()}
 
 
-def test_expected_rope_ranks_real_attention_better_than_pre_rope(smollm2_dir, shared_data, quick_calib):
+def test_expected_rope_ranks_real_attention_better_than_pre_rope(smollm2_dir, novel, quick_calib):
     """On real text, in middle layers of SmolLM2, the expected-rope latent top-k keeps more of the true attention
     mass (calibrate.overlap_score, relative to the exact top-k at the same budget) than the pre-RoPE one, and the
     bucket-rope one loses at least a quarter less than expected-rope (measured at 1K tokens: 2.7% -> 1.5% lost at
@@ -316,7 +316,7 @@ def test_expected_rope_ranks_real_attention_better_than_pre_rope(smollm2_dir, sh
     from tokenizer import load_tokenizer
     model = load_model(smollm2_dir, dtype=torch.float32)
     calib = load_calibration(quick_calib, model)
-    text = (shared_data / "pride_and_prejudice.txt").read_text()[260000:280000]  # held out from calibration
+    text = novel[260000:280000]  # held out from calibration
     ids = torch.tensor(load_tokenizer(smollm2_dir).encode(text)[:1024])
     seen = {}
 

@@ -20,10 +20,9 @@ UNICODE = ("Café naïve résumé Ångström e\u0301, Москва, مرحبا, 
 
 
 @pytest.fixture(scope="module")
-def texts(shared_data) -> list[str]:
-    novel = (shared_data / "pride_and_prejudice.txt").read_text()
-    essay = sorted((shared_data / "pg_essays").glob("*.txt"))[0].read_text()
-    return [novel[:6000], novel[300_000:306_000], essay[:6000], UNICODE]
+def texts(novel) -> list[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")  # markdown, code, numbers: not a novel's vocabulary
+    return [novel[:6000], novel[300_000:306_000], readme[:6000], UNICODE]
 
 
 # ---------------------------------------------------------------- SmolLM2: byte-level BPE from the GGUF
@@ -158,9 +157,9 @@ def test_chatml_matches_the_gguf_chat_template(smol, hf_refs, texts):
 # ---------------------------------------------------------------- SentencePiece (Llama-2 / Mistral)
 
 @pytest.fixture(scope="module")
-def sp_dir(shared_data, tmp_path_factory) -> Path:
+def sp_dir(novel, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sp")
-    (out / "train.txt").write_text((shared_data / "pride_and_prejudice.txt").read_text()[:30000])
+    (out / "train.txt").write_text(novel[:30000])
     # Llama-2's settings: BPE, byte fallback, no normalization, <unk>=0 <s>=1 </s>=2
     spm.SentencePieceTrainer.train(
         input=str(out / "train.txt"), model_prefix=str(out / "tokenizer"), vocab_size=400, model_type="bpe",
@@ -216,9 +215,9 @@ def brute_force_bpe(text: str, ranks: dict[bytes, int]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def llama3(shared_data, tmp_path_factory):
+def llama3(novel, tmp_path_factory):
     """A tiny BPE trained here (256 bytes + 300 merges, most frequent pair first), in Meta's file format."""
-    text = (shared_data / "pride_and_prejudice.txt").read_text()[:40000]
+    text = novel[:40000]
     words = Counter(tuple(bytes([b]) for b in w.encode()) for w in regex.findall(LLAMA3_PAT, text))
     ranks, merges = {bytes([b]): b for b in range(256)}, []
     for _ in range(300):
@@ -317,12 +316,12 @@ def test_llama3_as_hugging_face_ships_it(llama3, tmp_path, texts):
 
 # ---------------------------------------------------------------- GPT-2 style tokenizer.json and errors
 
-def test_hf_trained_bytelevel_bpe_and_no_chat_format(shared_data, tmp_path, texts):
+def test_hf_trained_bytelevel_bpe_and_no_chat_format(novel, tmp_path, texts):
     """A GPT-2 style tokenizer.json made by Hugging Face tokenizers itself (plain ByteLevel pre-tokenizer)."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    hf.train_from_iterator([(shared_data / "pride_and_prejudice.txt").read_text()[:30000]], trainers.BpeTrainer(
+    hf.train_from_iterator([novel[:30000]], trainers.BpeTrainer(
         vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"],
         show_progress=False))
     hf.save(str(tmp_path / "tokenizer.json"))

@@ -20,7 +20,6 @@ from torch import Tensor
 from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies, rope_table
 
 GROUP = 32  # value channels sharing one scale and zero
-FUSED = None  # decode with the Triton kernels of kernels/: None = on CUDA tensors; True/False forces it (tests)
 
 # How a decode step ranks the compressed tokens: "pre-rope" by the RoPE-free q.k (the paper); "expected-rope" by
 # q.k with q rotated by RoPE's rotation averaged over the candidates' distances; "bucket-rope" the same average taken
@@ -205,10 +204,12 @@ class SALSCache(nn.Module):
     also kept at full precision, post-RoPE, while in the window ring (slot (pos - sink) % window).
     rope: the model's (cos, sin) table (S, Dh/2, 2) float32 (model.rope_table), read by the fused kernel and held
     by reference, not as a buffer: setup_sals hands every layer the one table of the model; None builds one
-    (standalone caches). It must be on the device the step runs on; the reference path does not use it."""
+    (standalone caches). It must be on the device the step runs on; the reference path does not use it.
+    fused: decode with the Triton kernels of kernels/ (None: on CUDA tensors; True also runs them in Triton's CPU
+    interpreter; False keeps the PyTorch reference)."""
 
     def __init__(self, cfg: SALSConfig, args: ModelArgs, batch_size: int, max_seq_length: int, U: Tensor,
-                 rope: Tensor | None = None):
+                 rope: Tensor | None = None, fused: bool | None = None):
         super().__init__()
         if cfg.rank is None:
             raise ValueError("SALSCache needs a resolved config: cfg.resolve(args, r_max).")
@@ -220,6 +221,7 @@ class SALSCache(nn.Module):
         self.n_kv_head, self.head_dim, self.G, self.rs = Hkv, Dh, args.n_head // Hkv, rs
         self.n_sink, self.window, self.bits, self.sparsity = cfg.sink, cfg.window, cfg.value_bits, cfg.sparsity
         self.oracle, self.ranking, self.per_head = cfg.selector == "oracle", cfg.ranking, cfg.selection == "kv-head"
+        self.fused = fused
         self.n_buckets = n_buckets(cfg.ranking, cfg.window, S)  # distance buckets of RoPE's mean rotation
         self.rope = rope_table(args, S) if rope is None else rope
         if self.rope.shape[0] < S or self.rope.shape[1:] != (Dh // 2, 2) or self.rope.dtype != torch.float32:
@@ -276,7 +278,7 @@ class SALSCache(nn.Module):
             self.write(b, k, k_rope, v, input_pos)
             return y
         if rows is None and not (self.oracle or self.per_head or self.n_buckets > 1) and (
-                q.is_cuda if FUSED is None else FUSED):
+                q.is_cuda if self.fused is None else self.fused):
             return self.fused_decode(q, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
         q_rope = apply_rope(q, rope)
         self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
@@ -292,17 +294,24 @@ class SALSCache(nn.Module):
     def fused_decode(self, q: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Steps 1-6 with the Triton kernels (all B rows): one kernel compresses and stores the new token, the
         scoring kernel, a radix select of each row's budget (the same set as self.top, without its sort), one
-        fused kernel that rebuilds, rotates and attends without writing keys to memory. Imported here so that
-        importing this module never initializes Triton (its interpreter mode is fixed when a kernel is defined)."""
-        from kernels.compress import compress_decode
+        fused kernel that rebuilds, rotates and attends without writing keys to memory (it rotates q itself).
+        Imported here so that importing this module never initializes Triton (its interpreter mode is fixed when a
+        kernel is defined)."""
+        from kernels.compress import compress_step
         from kernels.latent_score import latent_scores
-        from kernels.sals_decode import fused_decode
+        from kernels.sals_decode import decode_attention
+        from kernels.topk import select_top
         if self.rope.device != q.device:
             raise ValueError(f"the RoPE table is on {self.rope.device} but the step runs on {q.device}: build the "
                              f"cache with rope=<the model's table on that device> (setup_sals does).")
-        compress_decode(self, k, k_rope, v, input_pos)
+        compress_step(k, k_rope, v, input_pos, self.U, self.k_lat_score, self.k_lat_rest, self.v_q, self.v_scale,
+                      self.v_zero, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.bits)
         s = latent_scores(self.k_lat_score, self.latent_query(q, input_pos), input_pos, self.n_sink, self.window)
-        return fused_decode(self, q, input_pos, *self.top_fused(s, input_pos))  # q rotated in the kernel
+        idx, keep = select_top(s, self.n_attend[input_pos[:, 0]], self.k_max)
+        y = decode_attention(q[:, :, 0], self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, input_pos,
+                             idx, keep, self.k_lat_score, self.k_lat_rest, self.U, self.rope, self.v_q, self.v_scale,
+                             self.v_zero, self.bits)  # (B, H, Dh)
+        return y[:, :, None]
 
     def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
         """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];
@@ -356,11 +365,6 @@ class SALSCache(nn.Module):
     def top(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """Top k_max of scores s (b, [Hkv,] S) (-inf outside the candidates) and which are within each row's budget."""
         return top_within_budget(s, input_pos, self.k_max, self.sparsity, self.n_sink, self.window)
-
-    def top_fused(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """self.top for the fused step, scores s (b, S): the radix-select kernel, the same set without a sort."""
-        from kernels.topk import select_top
-        return select_top(s, self.n_attend[input_pos[:, 0]], self.k_max)
 
     def keys(self, b: Tensor, idx: Tensor) -> Tensor:
         """Post-RoPE keys (n, k, Hkv, Dh) of positions idx (n, k) of rows b, rebuilt from their latents
@@ -424,10 +428,11 @@ class SALSCache(nn.Module):
         return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask)
 
 
-def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, calib: dict) -> SALSConfig:
+def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, calib: dict,
+               fused: bool | None = None) -> SALSConfig:
     """Allocates the model's caches: model.KVCache in cfg's dense layers, SALSCache in the others with
-    U = the layer's top-r calibrated eigenvectors (calib: the dict of calibrate.load_calibration).
-    Returns the resolved config."""
+    U = the layer's top-r calibrated eigenvectors (calib: the dict of calibrate.load_calibration); fused as in
+    SALSCache. Returns the resolved config."""
     a = model.args
     D, vecs = a.n_kv_head * a.head_dim, calib["eigvecs"]
     if len(vecs) != a.n_layer or any(vec.ndim != 2 or vec.shape[0] != D for vec in vecs):
@@ -438,6 +443,6 @@ def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, cal
     def make_cache(i, args, B, S, dtype):
         if i in cfg.dense_layers:
             return KVCache(B, S, args.n_kv_head, args.head_dim, dtype)
-        return SALSCache(cfg, args, B, S, vecs[i][:, :cfg.rank].to(dtype), model.rope)  # one shared table
+        return SALSCache(cfg, args, B, S, vecs[i][:, :cfg.rank].to(dtype), model.rope, fused)  # one shared table
     model.setup_caches(batch_size, max_seq_length, make_cache)
     return cfg

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import ModelArgs, apply_rope, rope_table  # noqa: E402
-import sals_attention  # noqa: E402
+from kernels.timing import copy_ceiling, graph_us  # noqa: E402
+from model import ModelArgs, apply_rope, attend, rope_table  # noqa: E402
 from sals_attention import GROUP, SALSCache, SALSConfig  # noqa: E402
 
 SHAPES = {"llama-2-7b": (32, 32), "mistral-7b": (32, 8)}  # (query heads, KV heads); head_dim 128
@@ -73,6 +73,31 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
+def decode_attention_reference(cache: SALSCache, q_rope, input_pos, idx, keep) -> torch.Tensor:
+    """SALSCache's own steps 5-6 (PyTorch) on the selected positions idx, keep (B, k): q_rope (B, H, 1, Dh) ->
+    (B, H, 1, Dh). The reference of kernels/sals_decode.decode_attention."""
+    b = torch.arange(q_rope.shape[0], device=q_rope.device)
+    K = torch.cat([cache.sink_k, cache.win_k, cache.keys(b, idx)], 1)  # (B, n, Hkv, Dh)
+    V = torch.cat([cache.sink_v, cache.win_v, cache.values(b, idx)], 1)
+    sink_ok = torch.arange(cache.n_sink, device=q_rope.device) <= input_pos
+    mask = torch.cat([sink_ok, cache.window_pos >= 0, keep], 1)
+    return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask[:, None])
+
+
+def attention_step(cache: SALSCache, q, input_pos, idx, keep, cfg: dict | None = None):
+    """kernels/sals_decode.decode_attention alone on a cache's buffers: q (B, H, 1, Dh) pre-RoPE -> (B, H, Dh)."""
+    from kernels.sals_decode import decode_attention
+    return decode_attention(q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos,
+                            input_pos, idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q,
+                            cache.v_scale, cache.v_zero, cache.bits)
+
+
+def select_step(cache: SALSCache, scores, input_pos):
+    """kernels/topk.select_top as the fused step calls it: each row's budget looked up at its position."""
+    from kernels.topk import select_top
+    return select_top(scores, cache.n_attend[input_pos[:, 0]], cache.k_max)
+
+
 def poisoned(*shape, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
 
@@ -84,7 +109,7 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None =
     cfg: the fused kernel's launch settings (default: kernels.sals_decode.decode_config); n_split: its
     splits, selection included (default: one per 32 selected tokens, plus the sinks/window split)."""
     from kernels.latent_score import launch_latent_scores, latent_scores_reference
-    from kernels.sals_decode import combine_splits, decode_attention_reference, launch_decode
+    from kernels.sals_decode import combine_splits, launch_decode
     B, H, _, Dh = q.shape
     q_rope = apply_rope(q, rope)
     q_lat = cache.latent_query(q, input_pos)
@@ -109,33 +134,6 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None =
 
 # ---------------------------------------------------------------------------------------------
 # Timing.
-
-def graph_us(fn) -> float:
-    """Median microseconds of fn replayed from a CUDA graph, L2 cleared before every replay (do_bench)."""
-    from triton.testing import do_bench
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench(g.replay, warmup=50, rep=300, return_mode="median") * 1e3
-
-
-@functools.cache
-def copy_ceiling() -> float:
-    """Bytes/s (read + written) of a 2 GiB device-to-device copy on this GPU: the ceiling the bandwidth column is
-    compared with, measured in the same run (ANCHORS.md's 3.02 TB/s is the H100's)."""
-    from triton.testing import do_bench
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    t = do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3
-    del x, y
-    return 2 * (2 << 30) / t
-
 
 def sals_bytes(cache: SALSCache, input_pos: torch.Tensor) -> int:
     """Bytes a decode step must read: the r* prefix of every candidate, the selected tokens' latent rows and
@@ -181,11 +179,11 @@ def bench_config(shape: str, S: int, B: int, fractions, eager: bool, reference: 
                         f"{nbytes / 1e6:.1f} MB | {nbytes / t_step / 1e6:.2f} TB/s "
                         f"({nbytes / t_step / copy_ceiling() * 1e6:.0%}) | {t_score:.1f} / {t_select:.1f} / {t_attn:.1f} |")
             if reference:  # the same step through the PyTorch reference path (gather, matmul rebuild, SDPA)
-                sals_attention.FUSED = False
+                cache.fused = False
                 try:
                     t_ref = graph_us(step if eager else torch.compile(lambda: cache(q, k, v, pos, rope), fullgraph=True))
                 finally:
-                    sals_attention.FUSED = None
+                    cache.fused = None
                 rows.append(f"| {shape} | {S} | {B} | SALS-{fraction * 100:g}% PyTorch reference | {t_ref:.1f} | "
                             f"{t_sdpa / t_ref:.2f}x | | | |")
         del cache
@@ -212,13 +210,12 @@ def piece_us(cache: SALSCache, q, pos, rope) -> tuple[float, float, float]:
     """Microseconds of the scoring kernel, the selection (radix select) and the
     fused attention (with combine), each alone."""
     from kernels.latent_score import latent_scores
-    from kernels.sals_decode import fused_decode
     q_lat = cache.latent_query(q, pos)
     s = latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)
-    idx, keep = cache.top_fused(s, pos)
+    idx, keep = select_step(cache, s, pos)
     return (graph_us(lambda: latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)),
-            graph_us(lambda: cache.top_fused(s, pos)),
-            graph_us(lambda: fused_decode(cache, q, pos, idx, keep)))
+            graph_us(lambda: select_step(cache, s, pos)),
+            graph_us(lambda: attention_step(cache, q, pos, idx, keep)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,11 +254,11 @@ def check_step(cache, q, k, v, input_pos, rope, compiled: bool) -> bool:
     def run(fused, fn):
         for name, t in cache.named_buffers():
             t.copy_(state[name])
-        sals_attention.FUSED = fused
+        cache.fused = fused
         try:
             return fn(q, k, v, input_pos, rope).clone()
         finally:
-            sals_attention.FUSED = None
+            cache.fused = None
     ref = run(False, cache)
     ref_state = {name: t.clone() for name, t in cache.named_buffers()}
     out = run(True, cache)
@@ -304,8 +301,8 @@ SWEEP_HEADER = ("| shape | variant | kernel us | rebuild TFLOP/s | rel err | reg
 
 def sweep(shape: str, S: int, B: int) -> list[str]:
     """Times the fused kernel (with the split combine) alone for each SWEEP variant of the shape's family at
-    SALS-12.5%, checks each against the reference (NaN-poisoned partials), and makes the fastest correct one
-    kernels.sals_decode.CONFIGS[family] for what runs next in this process. Returns markdown rows."""
+    SALS-12.5%, checks each against the reference (NaN-poisoned partials), and names the fastest correct one
+    (the step itself runs kernels.sals_decode.CONFIGS). Returns markdown rows."""
     from kernels import sals_decode as sd
     from kernels.latent_score import latent_scores
     H, Hkv = SHAPES[shape]
@@ -313,7 +310,7 @@ def sweep(shape: str, S: int, B: int) -> list[str]:
     cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, 0.125, device="cuda", seed=7)
     q_rope = apply_rope(q, rope)
     idx, keep = cache.top(latent_scores(cache.k_lat_score, cache.latent_query(q, pos), pos, cache.n_sink, cache.window), pos)
-    ref = sd.decode_attention_reference(cache, q_rope, pos, idx, keep)
+    ref = decode_attention_reference(cache, q_rope, pos, idx, keep)
     flop = 2 * int(keep.sum()) * cache.U.numel()
     args = (q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, pos,
             idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q, cache.v_scale,
@@ -339,8 +336,7 @@ def sweep(shape: str, S: int, B: int) -> list[str]:
         print(rows[-1], flush=True)
         if err < 2e-2 and (best is None or t < best[0]):
             best = (t, cfg)
-    if best:
-        sd.CONFIGS[family] = best[1]
+    if best:  # the step runs kernels.sals_decode.CONFIGS: a faster variant found here is copied there by hand
         rows.append(f"| {shape} {S} B={B} | **fastest: {' '.join(f'{k}={v}' for k, v in best[1].items())}** | "
                     f"{best[0]:.1f} | | | |")
     return rows
@@ -348,7 +344,7 @@ def sweep(shape: str, S: int, B: int) -> list[str]:
 
 def fast() -> bool:
     """One short device call: the kernels checked at two real sizes, the launch-setting sweep at one MHA and one
-    GQA shape (its winners used from then on), then SALS-12.5% (Triton and the PyTorch reference) vs SDPA at six shapes. Tables printed last."""
+    GQA shape, then SALS-12.5% (Triton and the PyTorch reference) vs SDPA at six shapes. Tables printed last."""
     ok = True
     for n, (shape, S) in enumerate([("llama-2-7b", 4096), ("mistral-7b", 32768)]):
         H, Hkv = SHAPES[shape]
@@ -388,7 +384,7 @@ def profile(shape: str, S: int, B: int, fraction: float = 0.125, steps: int = 20
     cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, fraction, device="cuda", seed=1)
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     for fused in (True, False):
-        sals_attention.FUSED = fused
+        cache.fused = fused
         try:
             with torch.no_grad():
                 for _ in range(3):
@@ -400,7 +396,7 @@ def profile(shape: str, S: int, B: int, fraction: float = 0.125, steps: int = 20
                         cache(q, k, v, pos, rope)
                     torch.cuda.synchronize()
         finally:
-            sals_attention.FUSED = None
+            cache.fused = None
         print(f"\n== {shape} S={S} B={B} SALS-{fraction * 100:g}%, {'Triton' if fused else 'PyTorch reference'} step, "
               f"device us per step (flush excluded)")
         for e in sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total):
@@ -437,7 +433,7 @@ def main(argv=None):
     p.add_argument("--fast", action="store_true", help="short check, launch-setting sweep, six shapes (see fast())")
     p.add_argument("--profile", nargs="+", metavar="SHAPE:S:B", help="kernel-level times of the step (torch.profiler)")
     p.add_argument("--sweep", nargs="+", metavar="SHAPE:S:B",
-                   help="time the fused kernel's launch-setting variants (the fastest is used by --configs after it)")
+                   help="time the fused kernel's launch-setting variants alone")
     p.add_argument("--ncu", nargs="+", metavar="SHAPE:S:B",
                    help="one eager step per config between cudaProfilerStart/Stop (run under ncu --profile-from-start off)")
     args = p.parse_args(argv)
@@ -457,7 +453,7 @@ def main(argv=None):
         rows = [row for c in args.sweep or [] for row in sweep(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2]))]
     if rows:
         print(SWEEP_HEADER, *rows, sep="\n")
-    if (args.profile or args.sweep) and not args.configs:  # with --configs, the sweep's winners are timed next
+    if (args.profile or args.sweep) and not args.configs:
         return
     configs = [(shape, S, B) for shape in args.shape for S in args.seq for B in args.batch]
     if args.configs:

@@ -16,4 +16,4 @@ grep -E "^  [a-zA-Z_]|Duration|Registers Per|Occupancy|Throughput|Block Limit|Wa
     "$OUT/details.txt" | head -200
 echo "== kernels vs the PyTorch reference"
 timeout 150 python bench/attention_bench.py --check 2>&1 | grep -v Warning | tail -14
-timeout 60 python kernels/compress.py 2>&1 | grep -v Warning | tail -6
+timeout 60 python -m kernels.compress 2>&1 | grep -v Warning | tail -6

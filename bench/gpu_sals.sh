@@ -33,7 +33,7 @@ if [ "${1:-}" = grid ]; then  # the whole one-layer grid of issue 4, eager step 
   warm 12 eager "${cells[@]}"
   warm 6 compiled "${targets[@]}"
   wait $check_pid; echo "check exit status $? (0 = every kernel and step within tolerance)"; cat "$OUT/check.log"
-  timeout 60 python kernels/topk.py 2>&1 | grep -v Warning | tee "$OUT/select.log"
+  timeout 60 python -m kernels.topk 2>&1 | grep -v Warning | tee "$OUT/select.log"
   timeout 300 python bench/attention_bench.py --eager --configs "${cells[@]}" 2>&1 | grep -v Warning > "$OUT/grid_eager.log"
   echo "grid_eager exit status: $? (124 = ran out of time)"
   timeout 150 python bench/attention_bench.py --configs "${targets[@]}" 2>&1 | grep -v Warning > "$OUT/grid_compiled.log"
@@ -63,9 +63,9 @@ timeout 150 python bench/attention_bench.py --check 2>&1 | grep -v Warning | tee
 check=$?
 if [ -n "${MICRO:-}" ]; then
   echo "== micro-benchmarks of each kernel"
-  timeout 45 python kernels/latent_score.py 2>&1 | tee "$OUT/kernels.log"
-  timeout 45 python kernels/sals_decode.py 2>&1 | tee -a "$OUT/kernels.log"
-  timeout 90 python kernels/compress.py 2>&1 | tee -a "$OUT/kernels.log"
+  timeout 45 python -m kernels.latent_score 2>&1 | tee "$OUT/kernels.log"
+  timeout 45 python -m kernels.sals_decode 2>&1 | tee -a "$OUT/kernels.log"
+  timeout 90 python -m kernels.compress 2>&1 | tee -a "$OUT/kernels.log"
 fi
 
 echo "== one layer: SALS step (torch.compile'd, CUDA graph) vs SDPA flash"

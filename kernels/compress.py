@@ -14,10 +14,8 @@ agree up to the float32 summation order of the GEMV (within one unit in the last
 where the two float32 sums straddle a rounding boundary). Positions outside 0..S-1 write nothing (the
 reference raises an indexing error; a kernel cannot without a host sync).
 
-    python kernels/compress.py          # micro-benchmark on a GPU (Llama-2-7B / Mistral-7B, SALS-12.5%)
+    python -m kernels.compress          # micro-benchmark on a GPU (Llama-2-7B / Mistral-7B, SALS-12.5%)
 """
-import sys
-from pathlib import Path
 from typing import Optional  # torch.library's schema inference reads typing.Optional in older torch
 
 import torch
@@ -25,15 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sals_attention import GROUP, scale_dtype  # noqa: E402
-
 # Launch settings: latent columns and key channels per GEMV tile, channels per step of a sequence's value program
-# (a power of two >= GROUP). block_c 16 gives r / 16 GEMV programs (32 for Llama-2-7B SALS-12.5%, 8 for Mistral-7B).
-# H200 (bench/NOTES.md, 2026-12-01, `python kernels/compress.py`, Llama-2-7B SALS-12.5% only): 19.1-19.4 us at B = 1-16,
-# block_c 32 17.0-17.2 us, the compiled SALSCache.write 26-35 us; kept at 16 because the Mistral rows (r / 32 = 4
-# programs) were not reached. Offline sm_90 compile (ptxas -v, triton 3.6): 196 registers at 4 warps, 128 at block_c
-# 32, block_d 128, 8 warps, no spills.
+# (a power of two >= the quantization group). block_c 16 gives r / 16 GEMV programs (32 for Llama-2-7B SALS-12.5%,
+# 8 for Mistral-7B), so that the GEMV, which reads U once, is spread over enough SMs.
 CONFIG = dict(block_c=16, block_d=256, chunk=1024, num_warps=4, num_stages=3)
 INTERPRETER_CONFIG = dict(block_c=16, block_d=32, chunk=64, num_warps=1, num_stages=1)
 MAX_BLOCK_B = 64  # sequences per GEMV program; more sequences take more programs (and read U again)
@@ -160,9 +152,20 @@ def compress_step(k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor, U: Te
     """Stores the new token (position input_pos (B, 1)) of every sequence into a SALS cache's buffers, in place.
     k (B, Hkv, 1, Dh) pre-RoPE, k_rope, v (B, Hkv, 1, Dh) (any strides with contiguous channels); U (D, r) any
     strides; the buffers as SALSCache allocates them (contiguous): k_lat_score (B, S, r*), k_lat_rest
-    (B, S, r - r*), v_q (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero (B, S, Hkv, Dh/32), or v_q
+    (B, S, r - r*), v_q (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero (B, S, Hkv, Dh/group), or v_q
     (B, S, Hkv, Dh) when bits == 16 (v_scale, v_zero None); sink_k/v (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh),
-    window_pos (B, W) int32."""
+    window_pos (B, W) int32. Raises ValueError on inputs of another shape or dtype than the buffers'."""
+    B, Hkv, T, HD = k.shape
+    if T != 1 or tuple(input_pos.shape) != (B, 1) or k_rope.shape != k.shape or v.shape != k.shape:
+        raise ValueError(f"compress_step stores one token per sequence: k, k_rope, v (B, Hkv, 1, Dh) and "
+                         f"input_pos (B, 1), got {tuple(k.shape)}, {tuple(k_rope.shape)}, {tuple(v.shape)} and "
+                         f"{tuple(input_pos.shape)}; use SALSCache.write for chunks.")
+    if B != k_lat_score.shape[0] or (Hkv, HD) != tuple(win_k.shape[2:]):
+        raise ValueError(f"k has {B} rows of {Hkv} heads x {HD}, the cache {k_lat_score.shape[0]} rows of "
+                         f"{win_k.shape[2]} x {win_k.shape[3]}; compress_step writes every row of the cache.")
+    if not k.dtype == k_rope.dtype == v.dtype == U.dtype:
+        raise ValueError(f"k, k_rope and v are {k.dtype}, {k_rope.dtype}, {v.dtype}; the cache holds {U.dtype}: "
+                         f"cast them to the cache's dtype.")
     launch_compress(k, k_rope, v, input_pos, U, k_lat_score, k_lat_rest, v_q, v_scale, v_zero, sink_k, sink_v,
                     win_k, win_v, window_pos, bits)
 
@@ -190,58 +193,28 @@ def launch_compress(k, k_rope, v, input_pos, U, k_lat_score, k_lat_rest, v_q, v_
         U.stride(0), U.stride(1),
         HD=HD, HKV=Hkv, CHUNK=min(cfg["chunk"], triton.next_power_of_2(Hkv * HD)), R=R, RS=RS,
         N_SINK=sink_k.shape[1], W=W, W_P=triton.next_power_of_2(W), BITS=bits,
-        TINY=torch.finfo(scale_dtype(k.dtype)).tiny, GROUP=GROUP, N_C=N_C, BLOCK_B=BLOCK_B, BLOCK_C=cfg["block_c"],
+        TINY=0.0 if v_scale is None else torch.finfo(v_scale.dtype).tiny,
+        GROUP=32 if v_scale is None else HD // v_scale.shape[-1], N_C=N_C, BLOCK_B=BLOCK_B, BLOCK_C=cfg["block_c"],
         BLOCK_D=cfg["block_d"],
         PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def compress_decode(cache, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor):
-    """SALSCache.write(all rows, k, k_rope, v, input_pos) for one token per sequence, in one kernel: k, k_rope, v
-    (B, Hkv, 1, Dh), k pre-RoPE and k_rope post-RoPE; input_pos (B, 1). Mutates the cache's buffers."""
-    B, Hkv, T, HD = k.shape
-    if T != 1 or tuple(input_pos.shape) != (B, 1) or k_rope.shape != k.shape or v.shape != k.shape:
-        raise ValueError(f"compress_decode stores one token per sequence: k, k_rope, v (B, Hkv, 1, Dh) and "
-                         f"input_pos (B, 1), got {tuple(k.shape)}, {tuple(k_rope.shape)}, {tuple(v.shape)} and "
-                         f"{tuple(input_pos.shape)}; use SALSCache.write for chunks.")
-    if B != cache.k_lat_score.shape[0] or (Hkv, HD) != (cache.n_kv_head, cache.head_dim):
-        raise ValueError(f"k has {B} rows of {Hkv} heads x {HD}, the cache {cache.k_lat_score.shape[0]} rows of "
-                         f"{cache.n_kv_head} x {cache.head_dim}; compress_decode writes every row of the cache.")
-    if not k.dtype == k_rope.dtype == v.dtype == cache.U.dtype:
-        raise ValueError(f"k, k_rope and v are {k.dtype}, {k_rope.dtype}, {v.dtype}; the cache holds {cache.U.dtype}: "
-                         f"cast them to the cache's dtype.")
-    if cache.oracle:
-        raise ValueError("compress_decode does not store the oracle selector's full keys; use SALSCache.write.")
-    compress_step(k, k_rope, v, input_pos, cache.U, cache.k_lat_score, cache.k_lat_rest, cache.v_q, cache.v_scale,
-                  cache.v_zero, cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits)
-
-
 if __name__ == "__main__":
-    import copy
-    from bench.attention_bench import graph_us, random_cache
-    from model import apply_rope
-    sweep = [dict(block_c=c, block_d=d, chunk=1024, num_warps=w, num_stages=3)
-             for c in (16, 32) for d in (128, 256) for w in (4, 8)]
+    from kernels.timing import copy_ceiling, graph_us
     for name, Hkv in [("Llama-2-7B", 32), ("Mistral-7B", 8)]:
+        D, r, S = Hkv * 128, Hkv * 128 // 8, 4096  # SALS-12.5%: rank D/8, 2-bit values
         for B in (1, 8, 16):
-            cache, _, k, v, pos, rope = random_cache(B, 4096, 32, Hkv, 128, fraction=0.125, device="cuda", seed=B)
-            k_rope, b = apply_rope(k, rope), torch.arange(B, device="cuda")
-            ref = copy.deepcopy(cache)
-            ref.write(b, k, k_rope, v, pos)
-            compress_decode(cache, k, k_rope, v, pos)
-            differ = [n for n, t in cache.named_buffers()
-                      if not n.startswith("k_lat") and not torch.equal(t, ref.get_buffer(n))]
-            lat = lambda c: torch.cat([c.k_lat_score[b, pos[:, 0]], c.k_lat_rest[b, pos[:, 0]]], -1).float()  # noqa
-            rel = (lat(cache) - lat(ref)).abs() / lat(ref).abs()  # one bfloat16 ulp is 2^-8 to 2^-7 relative
-            buffers = (cache.U, cache.k_lat_score, cache.k_lat_rest, cache.v_q, cache.v_scale, cache.v_zero,
-                       cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits)
-            with torch.no_grad():
-                t_kernel = graph_us(lambda: compress_decode(cache, k, k_rope, v, pos))
-                t_eager = graph_us(lambda: ref.write(b, k, k_rope, v, pos))
-                t_compiled = graph_us(torch.compile(lambda: ref.write(b, k, k_rope, v, pos), fullgraph=True))
-                t_sweep = [graph_us(lambda: launch_compress(k, k_rope, v, pos, *buffers, cfg)) for cfg in sweep]
-            best = min(range(len(sweep)), key=t_sweep.__getitem__)
-            print(f"{name} SALS-12.5% (D={Hkv * 128}, r={cache.U.shape[1]}) B={B}: kernel {t_kernel:.1f} us (U read at "
-                  f"{cache.U.numel() * 2 / t_kernel / 1e6:.2f} TB/s), cache.write eager {t_eager:.1f} us, compiled "
-                  f"{t_compiled:.1f} us (all in CUDA graphs); buffers differing: {differ or 'none'}; latents: max "
-                  f"rel diff {rel.max():.1e} ({(rel > 0).float().mean():.1%} differ); fastest launch setting "
-                  f"{sweep[best]}: {t_sweep[best]:.1f} us")
+            dev, dt = "cuda", torch.bfloat16
+            k, k_rope, v = (torch.randn(B, Hkv, 1, 128, device=dev, dtype=dt) for _ in range(3))
+            pos = torch.full((B, 1), S - 1, device=dev)
+            U = torch.randn(D, r, device=dev, dtype=dt)
+            buffers = (torch.zeros(B, S, r // 2, device=dev, dtype=dt), torch.zeros(B, S, r - r // 2, device=dev, dtype=dt),
+                       torch.zeros(B, S, Hkv, 32, device=dev, dtype=torch.uint8),
+                       torch.zeros(B, S, Hkv, 4, device=dev, dtype=dt), torch.zeros(B, S, Hkv, 4, device=dev, dtype=dt),
+                       torch.zeros(B, 16, Hkv, 128, device=dev, dtype=dt), torch.zeros(B, 16, Hkv, 128, device=dev, dtype=dt),
+                       torch.zeros(B, 64, Hkv, 128, device=dev, dtype=dt), torch.zeros(B, 64, Hkv, 128, device=dev, dtype=dt),
+                       torch.full((B, 64), -1, device=dev, dtype=torch.int32))
+            t = graph_us(lambda: compress_step(k, k_rope, v, pos, U, *buffers, 2))
+            nbytes = U.numel() * 2 + 3 * k.numel() * 2  # U and the new token (the writes are a few KB)
+            print(f"{name} SALS-12.5% (D={D}, r={r}) B={B}: {t:.1f} us, floor {nbytes / copy_ceiling() * 1e6:.1f} us "
+                  f"({nbytes / t / 1e6 / (copy_ceiling() / 1e12):.0%} of the copy ceiling)")

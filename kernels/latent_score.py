@@ -6,17 +6,12 @@ A GEMV per sequence: it reads the r* prefix of each candidate once (tokens past 
 never read) and accumulates in float32. Scores stay float32 so that near-ties rank the same way as
 the float32 reference; torch.topk on them is the next step.
 
-    python kernels/latent_score.py          # micro-benchmark on a GPU (B=16, S=4K and B=8, S=32K, r*=256)
+    python -m kernels.latent_score          # micro-benchmark on a GPU (B=16, S=4K and B=8, S=32K, r*=256)
 """
-import sys
-from pathlib import Path
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @triton.jit

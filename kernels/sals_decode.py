@@ -13,11 +13,9 @@ head's channels, zeros elsewhere), so q.k and p.v stay tensor-core dots of >= 16
 (the padding costs ~6% of the rebuild's FLOPs at MHA). Online softmax in float32, base 2; each split
 writes a partial (max, sum, acc) and a second, small kernel combines the splits.
 
-    python kernels/sals_decode.py          # micro-benchmark on a GPU (Llama-2-7B / Mistral-7B layers, SALS-12.5%)
+    python -m kernels.sals_decode          # micro-benchmark on a GPU (Llama-2-7B / Mistral-7B layers, SALS-12.5%)
 """
 import math
-import sys
-from pathlib import Path
 from typing import Optional  # torch.library's schema inference reads typing.Optional in older torch
 
 import torch
@@ -25,14 +23,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-# Launch settings per family (G == 1: "mha", else "gqa"); bench/attention_bench.py --sweep times variants and
-# may overwrite these before it compiles a step. heads: KV heads per program; split_blocks: token blocks per
-# selection split (None: enough splits for ~4 programs per SM).
-# The fastest of the sweep on the H200 (bench/NOTES.md, 2026-12-01, fourth version): MHA 129.7 us at Llama-2 4K B=8
-# (4 warps; 8 warps 164.5); GQA 144.4 us at Mistral 32K B=8 with one 64-token block per split, unpipelined (offline
-# compile: 250 registers, 70 KB of shared memory), against 155.8-187.3 pipelined (140 KB: one program per SM).
+# Launch settings per family (G == 1: "mha", else "gqa"), the fastest of bench/attention_bench.py --sweep on an H200
+# (BENCHMARKS.md). heads: KV heads per program; split_blocks: token blocks per selection split (None: enough splits
+# for ~4 programs per SM). GQA runs one unpipelined 64-token block per split: pipelined variants need twice the
+# shared memory, which leaves one program per SM.
 CONFIGS = {
     "mha": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
     "gqa": dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
@@ -306,35 +300,28 @@ def combine_splits(m: Tensor, l: Tensor, acc: Tensor) -> Tensor:
     return (acc * w[..., None]).sum(2) / (l * w).sum(2)[..., None]
 
 
-def decode_attention_reference(cache, q_rope: Tensor, input_pos: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
-    """SALSCache's own steps 5-6 (PyTorch): q_rope (B, H, 1, Dh) -> (B, H, 1, Dh)."""
-    from model import attend
-    b = torch.arange(q_rope.shape[0], device=q_rope.device)
-    K = torch.cat([cache.sink_k, cache.win_k, cache.keys(b, idx)], 1)  # (B, n, Hkv, Dh)
-    V = torch.cat([cache.sink_v, cache.win_v, cache.values(b, idx)], 1)
-    sink_ok = torch.arange(cache.n_sink, device=q_rope.device) <= input_pos
-    mask = torch.cat([sink_ok, cache.window_pos >= 0, keep], 1)
-    return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask[:, None])
-
-
-def fused_decode(cache, q: Tensor, input_pos: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
-    """decode_attention on a SALSCache's buffers: q (B, H, 1, Dh) pre-RoPE -> (B, H, 1, Dh)."""
-    return decode_attention(q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v,
-                            cache.window_pos, input_pos, idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U,
-                            cache.rope, cache.v_q, cache.v_scale, cache.v_zero, cache.bits)[:, :, None]
-
-
 if __name__ == "__main__":
-    from triton.testing import do_bench
-    from bench.attention_bench import random_cache
-    from model import apply_rope
-    for B, S, Hkv in [(16, 4096, 32), (8, 4096, 32), (8, 32768, 8)]:
-        cache, q, k, v, pos, rope = random_cache(B, S, 32, Hkv, fraction=0.125, device="cuda", seed=B)
-        q_rope = apply_rope(q, rope)
-        idx, keep = cache.select(q, q_rope, pos, None)
-        ref = decode_attention_reference(cache, q_rope, pos, idx, keep).float()
-        err = (fused_decode(cache, q, pos, idx, keep).float() - ref).norm() / ref.norm()
-        t = do_bench(lambda: fused_decode(cache, q, pos, idx, keep), return_mode="median")
-        flop = 2 * int(keep.sum()) * cache.U.numel() * 1.0
-        print(f"B={B} S={S} Hkv={Hkv} SALS-12.5%: fused decode {t * 1e3:.1f} us (key rebuild {flop / t / 1e9:.0f} "
-              f"TFLOP/s), rel err {err:.1e}")
+    from kernels.timing import copy_ceiling, graph_us, matmul_rate
+    dev, dt = "cuda", torch.bfloat16
+    for B, S, Hkv in [(16, 4096, 32), (8, 4096, 32), (8, 32768, 8)]:  # Llama-2-7B and Mistral-7B layers, SALS-12.5%
+        H, HD, D = 32, 128, Hkv * 128
+        r, K = D // 8, S // 8 - 80  # rank D/8; the budget of 1/8 of the tokens, less 16 sinks and a 64-token window
+        gen = torch.Generator(dev).manual_seed(B)
+        rnd = lambda *shape: torch.randn(*shape, device=dev, generator=gen).to(dt)  # noqa: E731
+        q, sink_k, sink_v, win_k, win_v = rnd(B, H, HD), rnd(B, 16, Hkv, HD), rnd(B, 16, Hkv, HD), rnd(B, 64, Hkv, HD), \
+            rnd(B, 64, Hkv, HD)
+        window_pos, pos = torch.arange(S - 64, S, device=dev).int().expand(B, 64).contiguous(), torch.full((B, 1), S - 1, device=dev)
+        idx = torch.stack([torch.randperm(S - 80, device=dev, generator=gen)[:K] + 16 for _ in range(B)]).sort(-1).values
+        keep = torch.ones(B, K, dtype=torch.bool, device=dev)
+        kls, klr, U = rnd(B, S, r // 2), rnd(B, S, r - r // 2), rnd(D, r) / math.sqrt(r)
+        angles = torch.arange(S, device=dev, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, HD, 2, device=dev) / HD)
+        rope = torch.stack([angles.cos(), angles.sin()], -1).float()
+        v_q = torch.randint(0, 256, (B, S, Hkv, HD // 4), device=dev, dtype=torch.uint8)
+        v_scale, v_zero = rnd(B, S, Hkv, HD // 32).abs(), rnd(B, S, Hkv, HD // 32)
+        args = (q, sink_k, sink_v, win_k, win_v, window_pos, pos, idx, keep, kls, klr, U, rope, v_q, v_scale, v_zero, 2)
+        t = graph_us(lambda: decode_attention(*args))
+        flop = 2 * B * K * D * r  # the key rebuild
+        nbytes = B * K * (r * 2 + Hkv * (HD // 4 + 2 * 2 * HD // 32) + 8) + U.numel() * 2 + 2 * sink_k.numel() * 2 * 5
+        print(f"B={B} S={S} Hkv={Hkv} SALS-12.5%: {t:.1f} us; rebuild {flop / t / 1e6:.0f} TFLOP/s "
+              f"({flop / t / 1e6 / (matmul_rate() / 1e12):.0%} of the matmul rate), floor "
+              f"{max(flop / matmul_rate(), nbytes / copy_ceiling()) * 1e6:.1f} us")

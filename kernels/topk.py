@@ -15,17 +15,12 @@ passes share no other state: six launches, no host sync, static shapes.
 
     idx (B, k) int64: the selected positions first, ascending, then 0; keep (B, k) bool: which are selected.
 
-    python kernels/topk.py          # micro-benchmark on a GPU against torch.topk
+    python -m kernels.topk          # micro-benchmark on a GPU against torch.topk
 """
-import sys
-from pathlib import Path
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CHUNK = 1024  # scores per program and pass on a GPU; INTERPRETER_CHUNK under TRITON_INTERPRET (small tests)
 INTERPRETER_CHUNK = 64
@@ -170,7 +165,7 @@ def select_top_reference(scores: Tensor, budget: Tensor, k: int) -> tuple[Tensor
 
 
 if __name__ == "__main__":
-    from bench.attention_bench import graph_us  # CUDA-graph replays: six launches cost no Python time in a step
+    from kernels.timing import graph_us  # CUDA-graph replays: six launches cost no Python time in a step
     for B, S in [(1, 4096), (8, 4096), (16, 4096), (8, 8192), (8, 16384), (16, 16384), (1, 32768), (8, 32768),
                  (16, 32768)]:
         k = S // 8 - 80

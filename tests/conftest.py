@@ -32,3 +32,27 @@ def quick_calib(smollm2_dir, tmp_path_factory) -> Path:
     assert calibrate.main(["--checkpoint", str(smollm2_dir), "--n_seqs", "4", "--seq_len", "1024",
                            "--n_eval_seqs", "1", "--device", "cpu", "--output", str(out)]) == 0
     return out
+
+
+def run_interpreted(test_file: str, n_expected: int, timeout: int = 900) -> str:
+    """Runs test_file's checks in a child pytest under TRITON_INTERPRET=1 (Triton fixes interpreter mode when a
+    kernel is first defined, so the parent process never imports Triton) and asserts that exactly n_expected
+    tests ran and passed: none failed, errored or was skipped. Returns the child's summary line."""
+    import os
+    import subprocess
+    import tempfile
+    import xml.etree.ElementTree as ET
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        env = dict(os.environ, TRITON_INTERPRET="1", SALS_KERNEL_TESTS="child")
+        r = subprocess.run([sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider",
+                            f"--junitxml={report}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=timeout)
+        assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+        suite = ET.parse(report).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        counts = {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}
+    summary = r.stdout.strip().splitlines()[-1]
+    assert counts == {"tests": n_expected, "failures": 0, "errors": 0, "skipped": 0}, (counts, summary)
+    print(f"{test_file} under TRITON_INTERPRET: {summary}")
+    return summary

@@ -9,29 +9,21 @@ float16 case at 2e-3.
 """
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import sals_attention
 from bench.attention_bench import kernel_errors, random_cache, rel_err
+from conftest import run_interpreted
 from model import ModelArgs, Transformer, rope_table
 from sals_attention import SALSCache, SALSConfig, setup_sals
 
-ROOT = Path(__file__).resolve().parents[1]
 CHILD = os.environ.get("SALS_KERNEL_TESTS") == "child"
 
 
 def test_kernels_in_triton_interpreter():
     """Runs the check_* functions below (collected as tests in the child) under TRITON_INTERPRET=1."""
-    env = dict(os.environ, TRITON_INTERPRET="1", SALS_KERNEL_TESTS="child")
-    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and " failed" not in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
-    assert f"{N_CHILD_TESTS} passed" in r.stdout, r.stdout[-2000:]  # every check ran, none skipped
+    run_interpreted(__file__, N_CHILD_TESTS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -146,8 +138,8 @@ def check_combine_splits(n):
 
 def check_dispatched_decode_equals_reference_model():
     """A small random model (float32) with SALS caches: prefill rows of different lengths one at a time, then
-    decode steps of all rows; logits with sals_attention.FUSED = True (kernels) equal those of the reference
-    path, and the kernels really ran in every SALS layer of every step."""
+    decode steps of all rows; logits with fused=True (kernels) equal those of the reference path, and the
+    kernels really ran in every SALS layer of every step."""
     from kernels import sals_decode
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=97, dim=128, n_layer=3, n_head=4, n_kv_head=2, head_dim=64, intermediate_size=96,
@@ -159,30 +151,26 @@ def check_dispatched_decode_equals_reference_model():
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (70, 41, 9)]
     steps = torch.randint(0, 97, (3, 5), generator=gen)
     calls = []
-    fused = sals_decode.fused_decode
+    attention = sals_decode.decode_attention
 
     def counting(*a):
         calls.append(1)
-        return fused(*a)
+        return attention(*a)
 
-    def run(mode):
-        setup_sals(model, 3, 96, cfg, calib)
-        sals_attention.FUSED = mode
-        try:
-            for i, p in enumerate(prompts):
-                model(p[None], torch.arange(len(p))[None], rows=torch.tensor([i]))
-            pos = torch.tensor([[len(p)] for p in prompts])
-            return torch.cat([model(steps[:, t:t + 1], pos + t) for t in range(steps.shape[1])], 1)
-        finally:
-            sals_attention.FUSED = None
+    def run(fused):
+        setup_sals(model, 3, 96, cfg, calib, fused=fused)
+        for i, p in enumerate(prompts):
+            model(p[None], torch.arange(len(p))[None], rows=torch.tensor([i]))
+        pos = torch.tensor([[len(p)] for p in prompts])
+        return torch.cat([model(steps[:, t:t + 1], pos + t) for t in range(steps.shape[1])], 1)
 
     with torch.no_grad():
         ref = run(False)
-        sals_decode.fused_decode = counting
+        sals_decode.decode_attention = counting
         try:
             out = run(True)
         finally:
-            sals_decode.fused_decode = fused
+            sals_decode.decode_attention = attention
     assert len(calls) == 2 * steps.shape[1]  # layers 1 and 2 are SALS layers, one call per decode step
     assert ref.std() > 0.1
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
@@ -228,10 +216,9 @@ STALE = {4: 40, 5: 23}  # row: the last position the earlier sequence reached
 def compress_step_and_reference(n_head, n_kv_head, head_dim, dtype, pos, stale=(), **kw):
     """A random cache (S = 48) and a step at pos, with the destinations poisoned (NaN, codes 0xFF) and the ring of
     the rows in stale (row: last position) filled by an earlier sequence; k, k_rope and v are views with padded
-    heads and U a column slice of a wider matrix, the padding NaN. Returns (the cache after compress_decode, a
+    heads and U a column slice of a wider matrix, the padding NaN. Returns (the cache after compress_step, a
     copy after SALSCache.write, k, input_pos)."""
     import copy
-    from kernels.compress import compress_decode
     from model import apply_rope
     B, S = len(pos), 48
     cache, _, k, v, input_pos, rope = random_cache(B, S, n_head, n_kv_head, head_dim, pos=pos, dtype=dtype,
@@ -257,8 +244,15 @@ def compress_step_and_reference(n_head, n_kv_head, head_dim, dtype, pos, stale=(
     k, k_rope, v = padded(k), padded(apply_rope(k, rope)), padded(v)
     ref = copy.deepcopy(cache)
     ref.write(b, k, k_rope, v, input_pos)
-    compress_decode(cache, k, k_rope, v, input_pos)
+    compress(cache, k, k_rope, v, input_pos)
     return cache, ref, k, input_pos
+
+
+def compress(cache, k, k_rope, v, input_pos):
+    """kernels.compress.compress_step on a cache's buffers, as SALSCache.fused_decode calls it."""
+    from kernels.compress import compress_step
+    compress_step(k, k_rope, v, input_pos, cache.U, cache.k_lat_score, cache.k_lat_rest, cache.v_q, cache.v_scale,
+                  cache.v_zero, cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits)
 
 
 def assert_compressed_equal(cache, ref, k, input_pos):
@@ -288,7 +282,7 @@ def assert_compressed_equal(cache, ref, k, input_pos):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n_head,n_kv_head,head_dim,kw", COMPRESS_CASES)
 def check_compress(n_head, n_kv_head, head_dim, kw, dtype):
-    """compress_decode leaves every buffer as SALSCache.write does, for rows before, at and past the sinks, with
+    """compress_step leaves every buffer as SALSCache.write does, for rows before, at and past the sinks, with
     a wrapped ring and with rings holding an earlier sequence's positions >= the new one."""
     out = compress_step_and_reference(n_head, n_kv_head, head_dim, dtype, COMPRESS_POS, STALE.items(), **kw)
     assert_compressed_equal(*out)
@@ -299,23 +293,18 @@ def check_compress(n_head, n_kv_head, head_dim, kw, dtype):
 
 def check_compress_without_sinks_and_with_r_star_equal_r():
     """No sinks and an empty k_lat_rest (their buffers have no elements and their stores are compiled out);
-    float16 with 4-bit values; then wrong shapes, a dtype other than the cache's and the oracle selector are
-    refused."""
-    from kernels.compress import compress_decode
+    float16 with 4-bit values; then wrong shapes and a dtype other than the cache's are refused."""
     out = compress_step_and_reference(4, 2, 64, torch.float16, [0, 9, 30], rank=32, score_dims=32, value_bits=4,
                                       sink=0)
     assert_compressed_equal(*out)
     cache, _, k, input_pos = out
     with pytest.raises(ValueError, match="one token per sequence"):
-        compress_decode(cache, k.expand(-1, -1, 2, -1), k.expand(-1, -1, 2, -1), k.expand(-1, -1, 2, -1),
-                        input_pos.expand(-1, 2))
+        compress(cache, k.expand(-1, -1, 2, -1), k.expand(-1, -1, 2, -1), k.expand(-1, -1, 2, -1),
+                 input_pos.expand(-1, 2))
     with pytest.raises(ValueError, match="every row of the cache"):
-        compress_decode(cache, k[:2], k[:2], k[:2], input_pos[:2])
+        compress(cache, k[:2], k[:2], k[:2], input_pos[:2])
     with pytest.raises(ValueError, match="cast them to the cache's dtype"):
-        compress_decode(cache, k, k, k.float(), input_pos)
-    oracle, _, k, v, input_pos, _ = random_cache(1, 48, 2, 2, 64, dtype=torch.float32, selector="oracle")
-    with pytest.raises(ValueError, match="oracle"):
-        compress_decode(oracle, k, k, v, input_pos)
+        compress(cache, k, k, k.float(), input_pos)
 
 
 def test_sals_layers_share_the_models_rope_table():

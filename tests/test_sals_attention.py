@@ -143,14 +143,14 @@ def test_quantize_real_values(real_values, bits):
 # Single layers fed with random q, k, v, checked against brute force in float64.
 
 def feed_layer(cfg: SALSConfig, args: ModelArgs, lengths: list[int], n_steps: int, U: torch.Tensor, on_step,
-               S: int = 64, scale: float = 1.0):
+               S: int = 64, scale: float = 1.0, fused: bool | None = None):
     """Fills a SALSCache (float64): row i prefilled with lengths[i] tokens (the last row in two chunks), then
     n_steps decode steps of all rows. on_step(cache, q, y, pos, hist) after each step; hist[i] holds row i's
     pre-RoPE (k, v) per position, each (Hkv, Dh)."""
     gen = torch.Generator().manual_seed(7)
     H, Hkv, Dh, B = args.n_head, args.n_kv_head, args.head_dim, len(lengths)
     cfg = cfg.resolve(args, U.shape[0])
-    cache = SALSCache(cfg, args, B, S, U[:, :cfg.rank])
+    cache = SALSCache(cfg, args, B, S, U[:, :cfg.rank], fused=fused)
     table = rope_table(args, S).double()
     hist = [[] for _ in range(B)]
 
@@ -444,17 +444,15 @@ def test_kv_head_selection_never_takes_the_fused_path(monkeypatch, override):
     """The Triton decode step selects one set per layer with one latent query: with kv-head selection or the
     bucket-rope ranking (a query per distance bucket) forward must stay on the reference path even where the fused
     one is forced; with the defaults it is taken (so the check can fail)."""
-    import sals_attention
-
     def fused_decode(*args):
         raise RuntimeError("fused path taken")
-    monkeypatch.setattr(sals_attention, "FUSED", True)
     monkeypatch.setattr(SALSCache, "fused_decode", fused_decode)
     args, U = layer_args(), orthonormal(16, torch.Generator().manual_seed(3))
     feed_layer(SALSConfig(rank=12, value_bits=16, sink=2, window=4, **override), args, [20], 3, U,
-               lambda *a: None)
+               lambda *a: None, fused=True)
     with pytest.raises(RuntimeError, match="fused"):
-        feed_layer(SALSConfig(rank=12, value_bits=16, sink=2, window=4), args, [20], 3, U, lambda *a: None)
+        feed_layer(SALSConfig(rank=12, value_bits=16, sink=2, window=4), args, [20], 3, U, lambda *a: None,
+                   fused=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,19 +6,116 @@ Prompts of different lengths share one batch: each is prefilled into its own cac
 rows decode together, each at its own position, each stopping at its own end-of-sequence token.
 """
 import argparse
-import contextlib
+import re
 import resource
 import sys
 import time
 from pathlib import Path
 
-import torch
-from torch import Tensor
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # --dtype choices: model.DTYPES, named before torch is imported
+SALS_RANKINGS = ("pre-rope", "expected-rope", "bucket-rope")  # sals_attention.RANKINGS (checked equal in the tests)
+SALS_SELECTIONS = ("layer", "kv-head")  # sals_attention.SELECTIONS
 
-from model import DTYPES, ModelArgs, Transformer, default_dtype, load_model
-from sals_attention import RANKINGS, SELECTIONS, SALSConfig
+
+# ---------------------------------------------------------------------------------------------
+# Command line, parsed before torch is imported: a bad flag is refused in a fraction of a second.
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="converted checkpoint folder (default: SmolLM2-135M-Instruct, converted once into checkpoints/)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text, @file, or an integer N for a synthetic prompt of N tokens; repeat for a batch of different prompts")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat format")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--batch_size", type=int, default=None, help="default: the number of prompts (prompts are cycled to fill it)")
+    p.add_argument("--num_samples", type=int, default=1, help="generate this many times (the first warms up --compile)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (reduce-overhead, full graph)")
+    p.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is a GPU)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--seed", type=int, default=1234)
+    s = p.add_argument_group("SALS compressed KV cache (see docs/sals.md)")
+    s.add_argument("--sals", type=float, choices=[0.25, 0.125], default=None,
+                   help="preset: latent rank D/4 with 4-bit values, or D/8 with 2-bit values; sparsity 1/8, "
+                        "16 sinks, 64-token window, layers 0, 1 and last dense")
+    s.add_argument("--sals_sparsity", type=float, help="attended share of the context, sinks and window included")
+    s.add_argument("--sals_rank", type=int, help="latent rank r (overrides the preset's fraction)")
+    s.add_argument("--sals_score_dims", type=int, help="latent coordinates used to rank tokens (default r/2)")
+    s.add_argument("--sals_value_bits", type=int, help="2, 4, or 16 (unquantized)")
+    s.add_argument("--sals_sink", type=int, help="first tokens always attended at full precision")
+    s.add_argument("--sals_window", type=int, help="most recent tokens always attended at full precision")
+    s.add_argument("--sals_dense_layers", type=str, help="comma-separated layer ids that keep a dense cache")
+    s.add_argument("--sals_ranking", choices=SALS_RANKINGS,
+                   help="how tokens are ranked: by the RoPE-free q.k (the paper), with q rotated by RoPE's mean "
+                        "rotation over the candidates' distances, or by that mean per distance bucket [64 2^i, "
+                        "64 2^(i+1)) (bucket-rope: PyTorch path only, also on a GPU); default: the preset's")
+    s.add_argument("--sals_selection", choices=SALS_SELECTIONS,
+                   help="one top-k per layer, shared by its heads (the paper), or one per KV head, each ranking with "
+                        "its own query heads (PyTorch path only, also on a GPU; default: the preset's)")
+    s.add_argument("--sals_calib", type=Path, help="calibration file (default: <checkpoint>/sals_calib.pt)")
+    s.add_argument("--sals_always", action="store_true", default=None,
+                   help="on a GPU, use SALS even where it was measured slower than the dense cache (by default the "
+                        "engine then stays dense and says why; see sals_on_gpu)")
+    args = p.parse_args(argv)
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append("--max_new_tokens must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        problems.append("--batch_size must be at least 1")
+    if args.num_samples < 1:
+        problems.append("--num_samples must be at least 1")
+    if args.temperature < 0:
+        problems.append("--temperature must be >= 0 (0 means greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        problems.append("--top_k must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        problems.append("--top_p must be in (0, 1]")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        problems.append(f"--device {args.device!r} is not a device (try cpu or cuda)")
+    overrides = [k for k, v in vars(args).items() if k.startswith("sals_") and v is not None]
+    if overrides and args.sals is None:
+        problems.append(f"--{overrides[0]} needs --sals 0.25 or --sals 0.125")
+    if args.sals_dense_layers is not None:
+        try:
+            args.sals_dense_layers = tuple(int(x) for x in args.sals_dense_layers.split(",") if x.strip())
+        except ValueError:
+            problems.append(f"--sals_dense_layers {args.sals_dense_layers!r} is not a comma-separated list of layer ids")
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+
+
+if __name__ == "__main__":
+    parse_args()  # exits on a bad flag before the heavy imports below
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from model import DTYPES, ModelArgs, Transformer, default_dtype, load_model  # noqa: E402
+from sals_attention import SALSConfig  # noqa: E402
 
 PREFILL_CHUNK = 2048  # long prompts are prefilled in chunks: attention memory stays linear
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """logits (B, V) with -inf outside each row's top_k most likely tokens and outside the smallest set of most
+    likely tokens whose probability reaches top_p (both when both are given, top_k first)."""
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # the mass before a token already reaches top_p: it is not needed
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    return logits
 
 
 def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -26,16 +123,7 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
     """logits: (B, V) float32 -> next tokens (B,). temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
-    probs = logits.softmax(-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
     # Exponential race instead of torch.multinomial: same distribution, no host sync.
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
 
@@ -167,84 +255,6 @@ def report(stats: dict, model: Transformer, device) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="converted checkpoint folder (default: SmolLM2-135M-Instruct, converted once into checkpoints/)")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="text, @file, or an integer N for a synthetic prompt of N tokens; repeat for a batch of different prompts")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat format")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--batch_size", type=int, default=None, help="default: the number of prompts (prompts are cycled to fill it)")
-    p.add_argument("--num_samples", type=int, default=1, help="generate this many times (the first warms up --compile)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (reduce-overhead, full graph)")
-    p.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--seed", type=int, default=1234)
-    s = p.add_argument_group("SALS compressed KV cache (see docs/sals.md)")
-    s.add_argument("--sals", type=float, choices=[0.25, 0.125], default=None,
-                   help="preset: latent rank D/4 with 4-bit values, or D/8 with 2-bit values; sparsity 1/8, "
-                        "16 sinks, 64-token window, layers 0, 1 and last dense")
-    s.add_argument("--sals_sparsity", type=float, help="attended share of the context, sinks and window included")
-    s.add_argument("--sals_rank", type=int, help="latent rank r (overrides the preset's fraction)")
-    s.add_argument("--sals_score_dims", type=int, help="latent coordinates used to rank tokens (default r/2)")
-    s.add_argument("--sals_value_bits", type=int, help="2, 4, or 16 (unquantized)")
-    s.add_argument("--sals_sink", type=int, help="first tokens always attended at full precision")
-    s.add_argument("--sals_window", type=int, help="most recent tokens always attended at full precision")
-    s.add_argument("--sals_dense_layers", type=str, help="comma-separated layer ids that keep a dense cache")
-    s.add_argument("--sals_ranking", choices=RANKINGS,
-                   help="how tokens are ranked: by the RoPE-free q.k (the paper), with q rotated by RoPE's mean "
-                        "rotation over the candidates' distances, or by that mean per distance bucket [64 2^i, "
-                        "64 2^(i+1)) (bucket-rope: PyTorch path only, also on a GPU); default: the preset's")
-    s.add_argument("--sals_selection", choices=SELECTIONS,
-                   help="one top-k per layer, shared by its heads (the paper), or one per KV head, each ranking with "
-                        "its own query heads (PyTorch path only, also on a GPU; default: the preset's)")
-    s.add_argument("--sals_calib", type=Path, help="calibration file (default: <checkpoint>/sals_calib.pt)")
-    s.add_argument("--sals_always", action="store_true", default=None,
-                   help="on a GPU, use SALS even where it was measured slower than the dense cache (by default the "
-                        "engine then stays dense and says why; see sals_on_gpu)")
-    args = p.parse_args(argv)
-    problems = []
-    if args.max_new_tokens < 1:
-        problems.append("--max_new_tokens must be at least 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        problems.append("--batch_size must be at least 1")
-    if args.num_samples < 1:
-        problems.append("--num_samples must be at least 1")
-    if args.temperature < 0:
-        problems.append("--temperature must be >= 0 (0 means greedy)")
-    if args.top_k is not None and args.top_k < 1:
-        problems.append("--top_k must be at least 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        problems.append("--top_p must be in (0, 1]")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        problems.append(f"--device {args.device!r} is not a device (try cpu or cuda)")
-    else:
-        if device.type == "cuda" and not torch.cuda.is_available():
-            problems.append("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
-    overrides = [k for k, v in vars(args).items() if k.startswith("sals_") and v is not None]
-    if overrides and args.sals is None:
-        problems.append(f"--{overrides[0]} needs --sals 0.25 or --sals 0.125")
-    if args.sals_dense_layers is not None:
-        try:
-            args.sals_dense_layers = tuple(int(x) for x in args.sals_dense_layers.split(",") if x.strip())
-        except ValueError:
-            problems.append(f"--sals_dense_layers {args.sals_dense_layers!r} is not a comma-separated list of layer ids")
-    if problems:
-        p.error("; ".join(problems))
-    return args
-
-
 def sals_setup(args, model: Transformer, default_model: bool):
     """setup_caches(B, S) for --sals: SALS caches built from the checkpoint's calibration."""
     from calibrate import load_calibration
@@ -332,8 +342,17 @@ class Streamer:
         self.printed = len(text)
 
 
+def resolve_device(args):
+    """args.device made concrete: the GPU if there is one; a GPU asked for where there is none is refused."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    resolve_device(args)
     from tokenizer import load_tokenizer
     default_model = args.checkpoint is None
     if default_model:

@@ -1,5 +1,6 @@
 """generate.py and the dense decode path, on the real SmolLM2 and on small random models."""
 import json
+import math
 import subprocess
 import sys
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from generate import Streamer, decode_one_token, generate, prefill, sample
+import generate as generate_module
+from generate import Streamer, decode_one_token, filter_logits, generate, prefill, sample
 from model import ModelArgs, Transformer, load_model
 from sals_attention import SALSConfig
 from tokenizer import load_tokenizer
@@ -102,24 +104,59 @@ def test_streamed_text_equals_final_text(smol, capsys):
     assert capsys.readouterr().out == tok.decode([t for t in out[0] if t not in tok.stop_ids])
 
 
-def test_sample_respects_top_k_and_top_p():
-    torch.manual_seed(0)
-    logits = torch.randn(4, 50)
-    assert torch.equal(sample(logits, 0.0), logits.argmax(-1))
-    top5 = logits.topk(5).indices
-    draws = torch.stack([sample(logits, 1.0, top_k=5) for _ in range(200)], 1)  # (4, 200)
-    assert all(set(draws[b].tolist()) <= set(top5[b].tolist()) for b in range(4))
-    probs = logits.softmax(-1)
-    for b in range(4):  # brute force: the smallest set of most likely tokens whose mass reaches 0.5
-        order = probs[b].argsort(descending=True).tolist()
-        keep, mass = [], 0.0
-        for t in order:
-            keep.append(t)
-            mass += probs[b, t].item()
-            if mass >= 0.5:
+def brute_force_keep(logits_row: torch.Tensor, top_k, top_p) -> set[int]:
+    """The tokens top-k then top-p sampling may draw, from their definitions, one token at a time in float64."""
+    order = sorted(range(len(logits_row)), key=lambda t: -logits_row[t].item())
+    keep = order[:top_k] if top_k is not None else order
+    if top_p is not None and top_p < 1:
+        z = sum(math.exp(logits_row[t].item()) for t in keep)
+        chosen, mass = [], 0.0
+        for t in keep:  # the smallest set of most likely tokens whose mass reaches top_p
+            chosen.append(t)
+            mass += math.exp(logits_row[t].item()) / z
+            if mass >= top_p:
                 break
-        got = {sample(logits[b:b + 1], 1.0, top_p=0.5).item() for _ in range(300)}
-        assert got <= set(keep) and len(got) > 0
+        keep = chosen
+    return set(keep)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, None), (1, None), (None, 0.5), (None, 0.9), (7, 0.6), (50, 0.999)])
+def test_filter_logits_is_exactly_top_k_and_top_p(top_k, top_p):
+    """The tokens left finite are exactly the brute-force set per row, with their logits unchanged."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(top_k or 3)) * 2
+    out = filter_logits(logits, top_k, top_p)
+    for b in range(6):
+        keep = brute_force_keep(logits[b], top_k, top_p)
+        assert set(out[b].isfinite().nonzero().flatten().tolist()) == keep
+        assert torch.equal(out[b, sorted(keep)], logits[b, sorted(keep)])
+
+
+def test_sample_draws_from_the_whole_filtered_set():
+    """Sampling with top_k = 5 draws every one of the 5 tokens (so a sampler made greedy fails) and no other."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.9, 1.8, 1.7, 1.6, 0.0, -1.0, 1.5]])
+    draws = {sample(logits, 1.0, top_k=5).item() for _ in range(400)}
+    assert draws == {0, 1, 2, 3, 4}
+    assert torch.equal(sample(logits, 0.0), logits.argmax(-1))
+
+
+def test_cli_dtype_and_sals_choices_are_the_libraries():
+    """generate.py names its --dtype, --sals_ranking and --sals_selection choices before importing torch: they
+    must be those model.py and sals_attention.py accept."""
+    import model
+    import sals_attention
+    assert set(generate_module.DTYPE_NAMES) == set(model.DTYPES)
+    assert generate_module.SALS_RANKINGS == sals_attention.RANKINGS
+    assert generate_module.SALS_SELECTIONS == sals_attention.SELECTIONS
+
+
+def test_cli_refuses_a_bad_flag_before_importing_torch():
+    code = ("import runpy, sys\nsys.argv = ['generate.py', '--temperature', '-1']\n"
+            "try:\n    runpy.run_path('generate.py', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "exit 2 False", (r.stdout, r.stderr)
+    assert "--temperature" in r.stderr
 
 
 def test_sampling_is_reproducible_and_matches_distribution():
@@ -224,6 +261,15 @@ def test_cli_sals_answers_paris_over_long_context(smollm2_dir, quick_calib, long
     assert f"{selection} selection" in r.stderr  # the default is the paper's
     if preset == "0.25":
         assert "Paris" in r.stdout
+    else:  # SALS-12.5% need not answer right, but the CLI must run the same SALS as the library does
+        from calibrate import load_calibration
+        from sals_attention import setup_sals
+        model, tok = load_model(smollm2_dir, "cpu", torch.float32), load_tokenizer(smollm2_dir)
+        calib, cfg = load_calibration(quick_calib, model), SALSConfig.preset(0.125, selection=selection)
+        prompt = tok.encode_prompt(long_question.read_text(), chat=True)
+        out, _ = generate(model, [prompt], 12, temperature=0, stop_ids=tok.stop_ids,
+                          setup_caches=lambda B, S: setup_sals(model, B, S, cfg, calib))
+        assert r.stdout == tok.decode([t for t in out[0] if t not in tok.stop_ids]) + "\n"
     ratio = float(r.stderr.split("KV cache allocated: ")[1].split(", ")[1].split(" of a dense")[0])
     assert ratio < 0.5, r.stderr  # the cache really is the compressed one
     assert "SALS: rank" in r.stderr

@@ -217,8 +217,12 @@ def energy(eigvals: Tensor, rank: int) -> Tensor:
     return eigvals[:, :rank].sum(-1) / eigvals.sum(-1)
 
 
-def progress(label: str, i: int, n: int, t0: float):
-    print(f"\r{label}: {i}/{n} sequences, {time.perf_counter() - t0:.0f} s", end="\n" if i == n else "",
+def progress(label: str, i: int, n: int, t0: float, width: int = 30):
+    """One line on stderr, redrawn: a bar, the count, the time spent and the time left at the rate so far."""
+    spent = time.perf_counter() - t0
+    bar = "#" * round(width * i / n) + "-" * (width - round(width * i / n))
+    left = f", ~{spent / i * (n - i):.0f} s left" if 0 < i < n else ""
+    print(f"\r{label} [{bar}] {i}/{n} sequences, {spent:.0f} s{left}  ", end="\n" if i == n else "",
           file=sys.stderr, flush=True)
 
 
@@ -237,8 +241,10 @@ def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose
 
     def run(seqs: Tensor, label: str):
         t0 = time.perf_counter()
+        if verbose:
+            progress(label, 0, len(seqs), t0)
         for i, seq in enumerate(seqs):
-            model(seq[None].to(device), torch.arange(len(seq), device=device)[None])
+            model.hidden(seq[None].to(device), torch.arange(len(seq), device=device)[None])
             if verbose:
                 progress(label, i + 1, len(seqs), t0)
 

@@ -297,11 +297,16 @@ class Transformer(nn.Module):
         rows: (b,) which cache rows these sequences use (None: all B rows, in order). Prompts of
         different lengths are prefilled one row at a time, so no padding token ever enters a cache.
         Returns logits (b, T, vocab) in float32."""
+        return self.output(self.norm(self.hidden(idx, input_pos, rows))).float()
+
+    def hidden(self, idx: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
+        """The last layer's output (b, T, dim), before the final norm: what forward turns into logits (calibration
+        needs only the layers' keys, not the vocabulary-wide logits)."""
         rope = self.rope[input_pos]  # (b, T, D/2, 2)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, input_pos, rope, rows)
-        return self.output(self.norm(x)).float()
+        return x
 
     def kv_cache_bytes(self) -> int:
         return sum(layer.attention.kv_cache.bytes_allocated() for layer in self.layers)

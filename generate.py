@@ -33,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (reduce-overhead, full graph)")
-    p.add_argument("--compile_prefill", action="store_true", help="torch.compile prefill too (dynamic shapes)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoder blocks (torch.compile) and replay each decode step from a CUDA graph")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is a GPU)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -139,18 +139,52 @@ def prefill(model: Transformer, ids: Tensor, rows: Tensor | None = None) -> Tens
 
 
 def decode_one_token(model: Transformer, tokens: Tensor, input_pos: Tensor, temperature: float,
-                     top_k: int | None, top_p: float | None) -> Tensor:
-    """tokens, input_pos: (B, 1) -> next tokens (B, 1)."""
-    logits = model(tokens, input_pos)  # (B, 1, V)
+                     top_k: int | None, top_p: float | None, blocks=None) -> Tensor:
+    """tokens, input_pos: (B, 1) -> next tokens (B, 1); blocks: model.forward's."""
+    logits = model(tokens, input_pos, blocks=blocks)  # (B, 1, V)
     return sample(logits[:, -1], temperature, top_k, top_p)[:, None]
 
 
-def compiled_decode():
-    """decode_one_token compiled whole into one CUDA graph (gpt-fast's settings)."""
+def compiled_decode(model: Transformer):
+    """The decode step with every decoder block compiled (torch.compile, fullgraph) and, on a GPU, the whole step
+    replayed from one CUDA graph. Regional compilation: blocks share their compiled code (their parameters and
+    caches are graph inputs), so compiling costs one block per kind of cache (dense, SALS) whatever the depth.
+    Prefill stays eager: its chunk lengths vary and it reads positions on the host. Returns make() -> decode_fn;
+    make a new one after every setup_caches (a graph holds the caches' addresses)."""
     torch._inductor.config.coordinate_descent_tuning = True
-    torch._inductor.config.triton.unique_kernel_names = True
     torch._inductor.config.fx_graph_cache = True
-    return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    blocks = [torch.compile(layer, fullgraph=True) for layer in model.layers]
+
+    def step(model, tokens, input_pos, temperature, top_k, top_p):
+        return decode_one_token(model, tokens, input_pos, temperature, top_k, top_p, blocks)
+    return (lambda: cuda_graph(step)) if model.output.weight.is_cuda else (lambda: step)
+
+
+def cuda_graph(step):
+    """step(model, tokens, input_pos, temperature, top_k, top_p) captured in a CUDA graph on its first call and
+    replayed after: the kernels without their launch overhead. Inputs are copied into the graph's own."""
+    graph, io = torch.cuda.CUDAGraph(), {}
+
+    def replay(model, tokens, input_pos, temperature, top_k, top_p):
+        if not io:
+            io["in"] = tokens.clone(), input_pos.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # outside the capture: compilation, cuBLAS workspaces
+                for _ in range(2):
+                    step(model, *io["in"], temperature, top_k, top_p)
+            stream = torch.cuda.current_stream()
+            stream.wait_stream(side)
+            try:  # torch.cuda.graph frees the cached memory first: its private pool may take all that is free
+                with torch.cuda.graph(graph):
+                    io["out"] = step(model, *io["in"], temperature, top_k, top_p)
+            finally:  # a capture aborted (out of memory) can leave torch.cuda.graph's capture stream current
+                torch.cuda.set_stream(stream)
+        io["in"][0].copy_(tokens)
+        io["in"][1].copy_(input_pos)
+        graph.replay()
+        return io["out"]
+    return replay
 
 
 def synchronize(device):
@@ -373,18 +407,12 @@ def main(argv=None):
     B = args.batch_size or len(prompts)
     prompts = [prompts[i % len(prompts)] for i in range(B)]
 
-    decode_fn, prefill_fn = decode_one_token, prefill
-    if args.compile:
-        decode_fn = compiled_decode()
-    if args.compile_prefill:
-        prefill_fn = torch.compile(prefill, dynamic=True)
-
+    make_decode = compiled_decode(model) if args.compile else (lambda: decode_one_token)
     for i in range(args.num_samples):
         stream = Streamer(tokenizer) if B == 1 else None
         outputs, stats = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, stop_ids=tokenizer.stop_ids,
-                                  on_token=stream, decode_fn=decode_fn, prefill_fn=prefill_fn,
-                                  setup_caches=setup_caches)
+                                  on_token=stream, decode_fn=make_decode(), setup_caches=setup_caches)
         if stream is not None:
             stream.flush()
             print()

@@ -292,19 +292,20 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = cache.to(device)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
-    def forward(self, idx: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor, rows: Tensor | None = None, blocks=None) -> Tensor:
         """idx: (b, T) token ids; input_pos: (b, T) each token's position in its own sequence;
         rows: (b,) which cache rows these sequences use (None: all B rows, in order). Prompts of
         different lengths are prefilled one row at a time, so no padding token ever enters a cache.
+        blocks: the decoder blocks to run, default self.layers (generate.compiled_decode passes compiled ones).
         Returns logits (b, T, vocab) in float32."""
-        return self.output(self.norm(self.hidden(idx, input_pos, rows))).float()
+        return self.output(self.norm(self.hidden(idx, input_pos, rows, blocks))).float()
 
-    def hidden(self, idx: Tensor, input_pos: Tensor, rows: Tensor | None = None) -> Tensor:
-        """The last layer's output (b, T, dim), before the final norm: what forward turns into logits (calibration
+    def hidden(self, idx: Tensor, input_pos: Tensor, rows: Tensor | None = None, blocks=None) -> Tensor:
+        """The last block's output (b, T, dim), before the final norm: what forward turns into logits (calibration
         needs only the layers' keys, not the vocabulary-wide logits)."""
         rope = self.rope[input_pos]  # (b, T, D/2, 2)
         x = self.tok_embeddings(idx)
-        for layer in self.layers:
+        for layer in self.layers if blocks is None else blocks:
             x = layer(x, input_pos, rope, rows)
         return x
 

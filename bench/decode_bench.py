@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from generate import compiled_decode, decode_one_token, kv_bytes_per_step, model_bytes_per_step  # noqa: E402
+from generate import compiled_decode, cuda_graph, decode_one_token, kv_bytes_per_step, model_bytes_per_step  # noqa: E402
 import model as model_module  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from sals_attention import SALSCache, SALSConfig, setup_sals  # noqa: E402
@@ -131,33 +131,6 @@ def is_oom(e: BaseException) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Timing.
-
-def graph_decode():
-    """decode_one_token captured in a CUDA graph on its first call, replayed after: the eager kernels without
-    their launch overhead. The graph holds the caches' addresses: make a new one after every setup_caches."""
-    graph, io = torch.cuda.CUDAGraph(), {}
-
-    def decode(model, tokens, input_pos, temperature, top_k, top_p):
-        if not io:
-            io["in"] = tokens.clone(), input_pos.clone()  # static inputs, refreshed before each replay
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # outside the capture: Triton compilation, cuBLAS workspaces
-                for _ in range(2):
-                    decode_one_token(model, *io["in"], temperature, top_k, top_p)
-            stream = torch.cuda.current_stream()
-            stream.wait_stream(side)
-            try:  # torch.cuda.graph frees the cached memory first: its private pool may take all that is free
-                with torch.cuda.graph(graph):
-                    io["out"] = decode_one_token(model, *io["in"], temperature, top_k, top_p)
-            finally:  # a capture aborted (out of memory) can leave torch.cuda.graph's capture stream current
-                torch.cuda.set_stream(stream)
-        io["in"][0].copy_(tokens)
-        io["in"][1].copy_(input_pos)
-        graph.replay()
-        return io["out"]
-    return decode
-
 
 @torch.no_grad()
 def time_decode(model, batch: int, prompt: int, steps: int, decode_fn, setup=None, runs: int = 3) -> float | None:
@@ -320,10 +293,9 @@ def main(argv=None):
         model_module.attend = attend_matmul
     make_decode, mode = (lambda: decode_one_token), "eager"  # make_decode() -> a decode_fn for one cache allocation
     if args.compile:
-        compiled, mode = compiled_decode(), "torch.compile"
-        make_decode = lambda: compiled  # noqa: E731
+        make_decode, mode = None, "compiled blocks + CUDA graph"  # compiled_decode(model), per model below
     elif args.graph and device.type == "cuda":
-        make_decode, mode = graph_decode, "CUDA graph"
+        make_decode, mode = (lambda: cuda_graph(decode_one_token)), "CUDA graph"
     elif args.graph:
         print("note: --graph needs a GPU; timing the eager step", file=sys.stderr)
 
@@ -332,12 +304,13 @@ def main(argv=None):
     for shape in args.shape:
         model = random_model(shape, device, dtype)
         release_memory()  # the float32 copies of the weights that random_model cast
+        make = compiled_decode(model) if args.compile else make_decode
         for method in args.method:
             setup = cache_setup(model, method)
             for prompt in args.prompt:
-                batches = [search_batch(model, setup, prompt, args, make_decode)] if args.max_batch else args.batch
+                batches = [search_batch(model, setup, prompt, args, make)] if args.max_batch else args.batch
                 for batch in batches:
-                    m = measure(model, setup, batch, prompt, args.steps, make_decode) if batch else None
+                    m = measure(model, setup, batch, prompt, args.steps, make) if batch else None
                     results.append(dict(shape=shape, prompt=prompt, method=method, batch=batch,
                                         largest=args.max_batch, **(m or dict(step=None))))
                     print(format_row(results[-1], results), flush=True)

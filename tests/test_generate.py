@@ -230,6 +230,40 @@ def test_cli_nonsense_flags(flags, words):
     assert_clean_error(run_cli(*flags, timeout=60), *words)
 
 
+def test_compiled_decode_compiles_one_block_per_kind_of_cache(monkeypatch):
+    """generate.compiled_decode compiles each decoder block, but the blocks share their compiled code: one graph for
+    the dense blocks and one for the SALS ones, whatever the depth (regional compilation); the compiled step
+    decodes the same tokens as the eager one. (backend aot_eager: dynamo and autograd tracing without inductor's
+    C++ compile, which would take minutes on a CPU.)"""
+    import torch._dynamo
+    from sals_attention import setup_sals
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="aot_eager", **kw))
+    n = 6
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_config(dict(model_type="llama", hidden_size=64, num_hidden_layers=n,
+                                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                                   vocab_size=97, max_position_embeddings=512)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    calib = {"eigvecs": [torch.linalg.qr(torch.randn(32, 32, generator=gen))[0] for _ in range(n)]}
+    cfg = SALSConfig(rank_fraction=0.5, value_bits=16, sparsity=0.5, sink=2, window=4, dense_layers=(0, n - 1))
+    prompts = [torch.randint(0, 97, (40,), generator=gen).tolist(), torch.randint(0, 97, (25,), generator=gen).tolist()]
+
+    def setup(B, S):
+        setup_sals(model, B, S, cfg, calib)
+    eager, _ = generate(model, prompts, 12, setup_caches=setup)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    make = generate_module.compiled_decode(model)
+    compiled, _ = generate(model, prompts, 12, setup_caches=setup, decode_fn=make())
+    assert compiled == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # a dense block and a SALS block
+
+
 def test_decode_step_without_host_sync_compiles_fullgraph():
     model = random_model()
     model.setup_caches(2, 64)

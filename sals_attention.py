@@ -283,13 +283,18 @@ class SALSCache(nn.Module):
         q_rope = apply_rope(q, rope)
         self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
         idx, keep = self.select(q, q_rope, input_pos, rows)  # 2-4. rank, top-k within the budget; (b, [Hkv,] k)
-        K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, idx)], 1)  # 5. (b, n, Hkv, Dh)
+        return self.attend_selected(q_rope, b, input_pos, idx, keep)  # 5-6.
+
+    def attend_selected(self, q_rope: Tensor, b: Tensor, input_pos: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
+        """Steps 5-6: q_rope (b, H, 1, Dh) attends the sinks, the window and the selected positions idx (b, [Hkv,] k)
+        where keep, their keys rebuilt and rotated, their values dequantized. Returns (b, H, 1, Dh)."""
+        K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, idx)], 1)  # (b, n, Hkv, Dh)
         V = torch.cat([self.sink_v[b], self.win_v[b], self.values(b, idx)], 1)
-        sink_ok = torch.arange(self.n_sink, device=q.device) <= input_pos  # (b, n_sink)
+        sink_ok = torch.arange(self.n_sink, device=q_rope.device) <= input_pos  # (b, n_sink)
         fixed = torch.cat([sink_ok, self.window_pos[b] >= 0], 1)  # (b, n_sink + window): every head attends them
         fixed = fixed.view(len(b), *(1,) * (keep.dim() - 2), -1).expand(*keep.shape[:-1], -1)
         mask = torch.cat([fixed, keep], -1)  # (b, [Hkv,] n)
-        return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask.unsqueeze(-2))  # 6.
+        return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask.unsqueeze(-2))
 
     def fused_decode(self, q: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Steps 1-6 with the Triton kernels (all B rows): one kernel compresses and stores the new token, the
@@ -309,7 +314,7 @@ class SALSCache(nn.Module):
         s = latent_scores(self.k_lat_score, self.latent_query(q, input_pos), input_pos, self.n_sink, self.window)
         idx, keep = select_top(s, self.n_attend[input_pos[:, 0]], self.k_max)
         y = decode_attention(q[:, :, 0], self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, input_pos,
-                             idx, keep, self.k_lat_score, self.k_lat_rest, self.U, self.rope, self.v_q, self.v_scale,
+                             idx[:, None], keep[:, None], self.k_lat_score, self.k_lat_rest, self.U, self.rope, self.v_q, self.v_scale,
                              self.v_zero, self.bits)  # (B, H, Dh)
         return y[:, :, None]
 

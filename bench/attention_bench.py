@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.timing import copy_ceiling, graph_us  # noqa: E402
-from model import ModelArgs, apply_rope, attend, rope_table  # noqa: E402
+from model import ModelArgs, apply_rope, rope_table  # noqa: E402
 from sals_attention import GROUP, SALSCache, SALSConfig  # noqa: E402
 
 SHAPES = {"llama-2-7b": (32, 32), "mistral-7b": (32, 8)}  # (query heads, KV heads); head_dim 128
@@ -73,22 +73,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-def decode_attention_reference(cache: SALSCache, q_rope, input_pos, idx, keep) -> torch.Tensor:
-    """SALSCache's own steps 5-6 (PyTorch) on the selected positions idx, keep (B, k): q_rope (B, H, 1, Dh) ->
-    (B, H, 1, Dh). The reference of kernels/sals_decode.decode_attention."""
-    b = torch.arange(q_rope.shape[0], device=q_rope.device)
-    K = torch.cat([cache.sink_k, cache.win_k, cache.keys(b, idx)], 1)  # (B, n, Hkv, Dh)
-    V = torch.cat([cache.sink_v, cache.win_v, cache.values(b, idx)], 1)
-    sink_ok = torch.arange(cache.n_sink, device=q_rope.device) <= input_pos
-    mask = torch.cat([sink_ok, cache.window_pos >= 0, keep], 1)
-    return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask[:, None])
-
-
 def attention_step(cache: SALSCache, q, input_pos, idx, keep, cfg: dict | None = None):
     """kernels/sals_decode.decode_attention alone on a cache's buffers: q (B, H, 1, Dh) pre-RoPE -> (B, H, Dh)."""
     from kernels.sals_decode import decode_attention
     return decode_attention(q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos,
-                            input_pos, idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q,
+                            input_pos, idx.view(len(idx), -1, idx.shape[-1]), keep.view(len(idx), -1, idx.shape[-1]), cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q,
                             cache.v_scale, cache.v_zero, cache.bits)
 
 
@@ -113,22 +102,25 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None =
     B, H, _, Dh = q.shape
     q_rope = apply_rope(q, rope)
     q_lat = cache.latent_query(q, input_pos)
-    scores = poisoned(B, cache.k_lat_score.shape[1], device=q.device)
-    launch_latent_scores(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window, scores)
-    ref_scores = latent_scores_reference(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window)
-    finite = ref_scores.isfinite()
-    assert torch.equal(scores.isfinite(), finite), "scores: -inf outside the candidates, finite inside"
-    idx, keep = cache.top(ref_scores, input_pos)
+    err_scores = None  # the scoring kernel takes one latent query per sequence
+    if q_lat.dim() == 2:
+        scores = poisoned(B, cache.k_lat_score.shape[1], device=q.device)
+        launch_latent_scores(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window, scores)
+        ref_scores = latent_scores_reference(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window)
+        finite = ref_scores.isfinite()
+        assert torch.equal(scores.isfinite(), finite), "scores: -inf outside the candidates, finite inside"
+        err_scores = rel_err(scores[finite], ref_scores[finite])
+    idx, keep = cache.select(q, q_rope, input_pos, None)  # the reference selection, (B, [Hkv,] k)
     n_split = n_split or 1 + max(1, math.ceil(idx.shape[1] / 32))  # the selection in several splits
     m, l, acc = poisoned(B, H, n_split, device=q.device), poisoned(B, H, n_split, device=q.device), \
         poisoned(B, H, n_split, Dh, device=q.device)
-    launch_decode(q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v,
-                  cache.window_pos, input_pos, idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U,
+    launch_decode(q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, input_pos,
+                  idx.view(B, -1, idx.shape[-1]), keep.view(B, -1, idx.shape[-1]), cache.k_lat_score, cache.k_lat_rest, cache.U,
                   cache.rope, cache.v_q, cache.v_scale, cache.v_zero, cache.bits, m, l, acc, cfg)
     assert not (m.isnan().any() or l.isnan().any() or acc.isnan().any()), "a partial was left unwritten"
     out = combine_splits(m, l, acc)[:, :, None]
-    ref = decode_attention_reference(cache, q_rope, input_pos, idx, keep)
-    return {"scores": rel_err(scores[finite], ref_scores[finite]), "attention": rel_err(out, ref),
+    ref = cache.attend_selected(q_rope, torch.arange(B, device=q.device), input_pos, idx, keep)
+    return {"scores": err_scores, "attention": rel_err(out, ref),
             "selected": int(keep.sum())}
 
 
@@ -281,17 +273,17 @@ def check_step(cache, q, k, v, input_pos, rope, compiled: bool) -> bool:
 # spills and shared memory: `python bench/kernel_report.py` (an offline sm_90 compile, triton 3.6; 201-255 registers,
 # the MHA 4-warp variants spill 56-88 B; shared memory 45-140 KB, GQA 64-token blocks 138-140 KB: one program per SM).
 SWEEP = {
-    "mha": [dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
-            dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
-            dict(heads=1, block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
-            dict(heads=1, block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=2),
-            dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=8, num_stages=3)],
-    "gqa": [dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
-            dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=2),
-            dict(heads=1, block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
-            dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
-            dict(heads=1, block_n=32, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
-            dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=3)],
+    "mha": [dict(block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
+            dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=2),
+            dict(block_n=64, block_r=64, split_blocks=1, num_warps=8, num_stages=3)],
+    "gqa": [dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=2),
+            dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
+            dict(block_n=32, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
+            dict(block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=3)],
 }
 
 
@@ -310,14 +302,14 @@ def sweep(shape: str, S: int, B: int) -> list[str]:
     cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, 0.125, device="cuda", seed=7)
     q_rope = apply_rope(q, rope)
     idx, keep = cache.top(latent_scores(cache.k_lat_score, cache.latent_query(q, pos), pos, cache.n_sink, cache.window), pos)
-    ref = decode_attention_reference(cache, q_rope, pos, idx, keep)
+    ref = cache.attend_selected(q_rope, torch.arange(B, device="cuda"), pos, idx, keep)
     flop = 2 * int(keep.sum()) * cache.U.numel()
     args = (q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, pos,
-            idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q, cache.v_scale,
+            idx[:, None], keep[:, None], cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q, cache.v_scale,
             cache.v_zero, cache.bits)
     rows, best = [], None
     for cfg in SWEEP[family]:
-        n = 1 + sd.split_count(idx.shape[1], B * Hkv // sd.heads_per_program(Hkv, cfg), cfg)
+        n = 1 + sd.split_count(idx.shape[1], B * Hkv, cfg)
         m, l = poisoned(B, H, n, device="cuda"), poisoned(B, H, n, device="cuda")
         acc = poisoned(B, H, n, q.shape[-1], device="cuda")
         out = torch.empty(B, H, q.shape[-1], dtype=q.dtype, device="cuda")  # what the step's combine kernel writes

@@ -1,17 +1,17 @@
 """SALS steps 5-6 as one Triton kernel, flash-decoding style: gather, rebuild, rotate, dequantize, attend.
 
-Grid (B, Hkv / heads, 1 + n_splits): each program serves `heads` adjacent KV heads of one sequence, so
-one latent tile feeds the rebuild of several heads (MHA has one query row per KV head, so the rebuild,
-not attention, is the work). Split 0 attends over the full-precision sinks and window; split s >= 1 over
-its share of the selected tokens, whose keys are rebuilt from the latent rows
-(k_lat_score | k_lat_rest)[idx] @ U[rows of these heads]^T as two halves k1, k2 (BLOCK_N, heads * Dh/2)
-(rotate-half RoPE pairs channel i with i + Dh/2), rotated at each token's original position with the
-model's float32 (cos, sin) table, and never written to memory; values are dequantized on the fly. The query
-arrives pre-RoPE, straight from the model's projection, and is rotated here with its own row of that table.
-The G query heads of each KV head are the rows of one block-diagonal query matrix (row r holds its
-head's channels, zeros elsewhere), so q.k and p.v stay tensor-core dots of >= 16 rows whatever G is
-(the padding costs ~6% of the rebuild's FLOPs at MHA). Online softmax in float32, base 2; each split
-writes a partial (max, sum, acc) and a second, small kernel combines the splits.
+Grid (1 + n_splits, Hkv, B), the split fastest: each program serves one KV head of one sequence, the G query heads
+of that KV head being the rows of its query tile (padded to 16 rows for the tensor cores), so every selected token
+is rebuilt once per KV head. Split 0 attends over the full-precision sinks and window; split s >= 1 over its share
+of the selected tokens, whose keys are rebuilt from their latent rows (k_lat_score | k_lat_rest)[idx] @ U[rows of
+the head]^T as two halves k1, k2 (BLOCK_N, Dh/2) (rotate-half RoPE pairs channel i with i + Dh/2, so the rotation
+is element-wise), rotated at each token's original position with the model's float32 (cos, sin) table, and never
+written to memory; values are dequantized on the fly. A latent of at most two r tiles (GQA models) is rebuilt in
+one shot with the head's rows of U loaded once, before the token loop, so the loop body holds only gathers the
+pipeliner can overlap; wider latents (MHA) loop over r tiles. The query arrives pre-RoPE, straight from the model's
+projection, and is rotated here with its own row of the table. Selections are one per layer (idx (B, 1, k)) or one
+per KV head (idx (B, Hkv, k)). Online softmax in float32, base 2; each split writes a partial (max, sum, acc) and
+a second, small kernel combines the splits.
 
     python -m kernels.sals_decode          # micro-benchmark on a GPU (Llama-2-7B / Mistral-7B layers, SALS-12.5%)
 """
@@ -23,21 +23,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Launch settings per family (G == 1: "mha", else "gqa"), the fastest of bench/attention_bench.py --sweep on an H200
-# (BENCHMARKS.md). heads: KV heads per program; split_blocks: token blocks per selection split (None: enough splits
-# for ~4 programs per SM). GQA runs one unpipelined 64-token block per split: pipelined variants need twice the
-# shared memory, which leaves one program per SM.
+# Launch settings per family (G == 1: "mha", else "gqa"), chosen by bench/attention_bench.py --sweep (BENCHMARKS.md).
+# block_r: the r tile of the rebuild (a latent of at most two tiles is rebuilt in one shot); split_blocks: token
+# blocks per selection split (None: enough splits for ~4 programs per SM).
 CONFIGS = {
-    "mha": dict(heads=1, block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
-    "gqa": dict(heads=1, block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
+    "mha": dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+    "gqa": dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
 }
-INTERPRETER_CONFIG = dict(heads=2, block_n=16, block_r=16, split_blocks=None, num_warps=1, num_stages=1)
+INTERPRETER_CONFIG = dict(block_n=16, block_r=16, split_blocks=None, num_warps=1, num_stages=1)
 
 
 @triton.jit
 def _attend_block(q1, q2, k1, k2, v, valid, m, l, acc, qk_scale, PREC: tl.constexpr):
-    """Online softmax update of (m, l, acc) (BLOCK_Q,), (BLOCK_Q,), (BLOCK_Q, heads*Dh) with BLOCK_N keys given
-    as halves k1, k2 (BLOCK_N, heads*Dh/2) and values v (BLOCK_N, heads*Dh); base-2 logits."""
+    """Online softmax update of (m, l, acc) (BLOCK_Q,), (BLOCK_Q,), (BLOCK_Q, Dh) with BLOCK_N keys given as
+    halves k1, k2 (BLOCK_N, Dh/2) and values v (BLOCK_N, Dh); base-2 logits."""
     s = tl.dot(q1, tl.trans(k1), input_precision=PREC) + tl.dot(q2, tl.trans(k2), input_precision=PREC)
     s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # (BLOCK_Q, BLOCK_N)
     m_new = tl.maximum(m, tl.max(s, 1))
@@ -56,7 +55,7 @@ def _rebuild(k1, k2, lat_row, ok, u1, u2, C0: tl.constexpr, WIDTH: tl.constexpr,
     rows of a (B, S, WIDTH) buffer) @ the matching columns of U's rows (u1, u2 (NH, 1) pointers into U (D, r),
     row-major). U tiles are loaded (NH, BLOCK_R), contiguous along r and unmasked when BLOCK_R divides WIDTH, so
     they are 16-byte asynchronous copies that the pipeliner overlaps with the dots; a column-major or masked
-    tile falls back to 2-byte synchronous loads (bench/NOTES.md: the first kernels' 40 TFLOP/s)."""
+    tile falls back to 2-byte synchronous loads."""
     for c0 in range(0, WIDTH, BLOCK_R):
         c = c0 + tl.arange(0, BLOCK_R)
         lat = tl.load(lat_row + c[None, :], mask=ok[:, None] & (c[None, :] < WIDTH), other=0.0)  # (BLOCK_N, BLOCK_R)
@@ -73,10 +72,9 @@ def _rebuild(k1, k2, lat_row, ok, u1, u2, C0: tl.constexpr, WIDTH: tl.constexpr,
 @triton.jit
 def _values(vq_ptr, vs_ptr, vz_ptr, vrow, ok, BLOCK_N: tl.constexpr, NV: tl.constexpr, HD: tl.constexpr,
             BITS: tl.constexpr, dtype: tl.constexpr):
-    """Values (BLOCK_N, NV) of token rows vrow (BLOCK_N, 1) = (b * S + j) * Hkv + first head, NV = heads * HD
-    adjacent columns (heads adjacent, so bytes and groups run on across heads). The packed bytes and the scales
-    and zeros are loaded as the tiles they are, (BLOCK_N, NV*BITS/8) and (BLOCK_N, NV/32), and widened in
-    registers: one load per element of the (BLOCK_N, NV) tile made the first kernels L1-bound (bench/NOTES.md)."""
+    """Values (BLOCK_N, NV) of token rows vrow (BLOCK_N, 1) = (b * S + j) * Hkv + head, NV adjacent columns. The
+    packed bytes and the scales and zeros are loaded as the tiles they are, (BLOCK_N, NV*BITS/8) and
+    (BLOCK_N, NV/32), and widened in registers: a load per element of the (BLOCK_N, NV) tile is L1-bound."""
     if BITS == 16:  # (an early return would still compile the code after it, with 8 // BITS == 0)
         out = tl.load(vq_ptr + vrow * HD + tl.arange(0, NV)[None, :], mask=ok[:, None], other=0.0)
     else:
@@ -103,32 +101,31 @@ def _values(vq_ptr, vs_ptr, vz_ptr, vrow, ok, BLOCK_N: tl.constexpr, NV: tl.cons
 def _sals_decode_kernel(
         q_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr, win_pos_ptr, pos_ptr,
         idx_ptr, keep_ptr, kls_ptr, klr_ptr, u_ptr, rope_ptr, vq_ptr, vs_ptr, vz_ptr,
-        m_ptr, l_ptr, acc_ptr, S, Hkv, K, R, stride_qb, stride_qh,
+        m_ptr, l_ptr, acc_ptr, S, K, stride_qb, stride_qh,
         qk_scale: tl.constexpr,  # constexpr: under torch.compile a float argument would arrive as fp64
-        G: tl.constexpr, HD: tl.constexpr, N_SINK: tl.constexpr, W: tl.constexpr, RS: tl.constexpr,
-        RR: tl.constexpr, BITS: tl.constexpr, TPS: tl.constexpr, HEADS: tl.constexpr, BLOCK_Q: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr):
-    b, split = tl.program_id(0), tl.program_id(2)
-    h0 = tl.program_id(1) * HEADS  # first KV head of this program
-    n_split = tl.num_programs(2)
+        HKV: tl.constexpr, NQ: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, N_SINK: tl.constexpr,
+        W: tl.constexpr, RS: tl.constexpr, RR: tl.constexpr, BITS: tl.constexpr, TPS: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ONE_SHOT: tl.constexpr,
+        PREC: tl.constexpr):
+    split, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_split = tl.num_programs(0)
     HD2: tl.constexpr = HD // 2
-    row = tl.arange(0, BLOCK_Q)  # query rows: query heads h0*G + row, row < HEADS*G
-    col = tl.arange(0, HEADS * HD2)  # key-half columns: (head col // HD2, channel col % HD2)
-    cv = tl.arange(0, HEADS * HD)  # value columns: (head cv // HD, channel cv % HD)
-    own = (row[:, None] // G == col[None, :] // HD2) & (row[:, None] < HEADS * G)  # block-diagonal query
+    row = tl.arange(0, BLOCK_Q)  # query head h * G + row, for row < G
+    live = row < G
+    d = tl.arange(0, HD2)  # channel d of a key's first half, d + HD2 of its second
+    dt = q_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + b)
-    q_row = q_ptr + b.to(tl.int64) * stride_qb + (h0 * G + row[:, None]) * stride_qh + col[None, :] % HD2
-    q1 = tl.load(q_row, mask=own, other=0.0).to(tl.float32)  # (BLOCK_Q, HEADS*HD2), pre-RoPE
-    q2 = tl.load(q_row + HD2, mask=own, other=0.0).to(tl.float32)
-    q_cs = rope_ptr + pos * HD + (col % HD2) * 2  # the new token's row of the (cos, sin) table, per column
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + (h * G + row[:, None]) * stride_qh + d[None, :]
+    q1 = tl.load(q_row, mask=live[:, None], other=0.0).to(tl.float32)  # (BLOCK_Q, HD2), pre-RoPE
+    q2 = tl.load(q_row + HD2, mask=live[:, None], other=0.0).to(tl.float32)
+    q_cs = rope_ptr + pos * HD + d * 2  # the new token's row of the (cos, sin) table
     q_cos, q_sin = tl.load(q_cs)[None, :], tl.load(q_cs + 1)[None, :]
     # rotated as model.apply_rope does (float32, rounded to the model's dtype), then fed to the tensor cores
-    q1, q2 = ((q1 * q_cos - q2 * q_sin).to(q_ptr.dtype.element_ty),
-              (q2 * q_cos + q1 * q_sin).to(q_ptr.dtype.element_ty))
-    kcol = (h0 + col // HD2) * HD + col % HD2  # (HEADS*HD2,) offset of a first-half channel in a (Hkv, HD) row
+    q1, q2 = (q1 * q_cos - q2 * q_sin).to(dt), (q2 * q_cos + q1 * q_sin).to(dt)
+    kcol = h * HD + d  # (HD2,) offset of a first-half channel of head h in a (Hkv, HD) row
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)
-    acc = tl.zeros([BLOCK_Q, HEADS * HD], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HD], tl.float32)
     if split == 0:  # sinks (positions 0..N_SINK-1, valid up to pos) then the window ring (slot valid if pos >= 0)
         for t0 in range(0, N_SINK + W, BLOCK_N):
             t = t0 + tl.arange(0, BLOCK_N)
@@ -136,49 +133,57 @@ def _sals_decode_kernel(
             in_sink = (t < N_SINK) & (t <= pos)
             in_win = (w >= 0) & (w < W)
             in_win = in_win & (tl.load(win_pos_ptr + b * W + w, mask=in_win, other=-1) >= 0)
-            s_off = (b * N_SINK + t[:, None]) * Hkv * HD
-            w_off = (b * W + w[:, None]) * Hkv * HD
+            s_off = (b * N_SINK + t[:, None]) * HKV * HD
+            w_off = (b * W + w[:, None]) * HKV * HD
             ms, mw = in_sink[:, None], in_win[:, None]
             k1 = tl.load(sink_k_ptr + s_off + kcol[None, :], mask=ms, other=0.0) + \
                 tl.load(win_k_ptr + w_off + kcol[None, :], mask=mw, other=0.0)
             k2 = tl.load(sink_k_ptr + s_off + HD2 + kcol[None, :], mask=ms, other=0.0) + \
                 tl.load(win_k_ptr + w_off + HD2 + kcol[None, :], mask=mw, other=0.0)
-            v = tl.load(sink_v_ptr + s_off + h0 * HD + cv[None, :], mask=ms, other=0.0) + \
-                tl.load(win_v_ptr + w_off + h0 * HD + cv[None, :], mask=mw, other=0.0)
+            cv = h * HD + tl.arange(0, HD)
+            v = tl.load(sink_v_ptr + s_off + cv[None, :], mask=ms, other=0.0) + \
+                tl.load(win_v_ptr + w_off + cv[None, :], mask=mw, other=0.0)
             m, l, acc = _attend_block(q1, q2, k1, k2, v, in_sink | in_win, m, l, acc, qk_scale, PREC)
-    else:  # selected tokens [lo, lo + TPS) of idx
+    else:  # selected tokens [lo, lo + TPS) of this KV head's index row
         lo = (split - 1) * TPS
-        u1 = u_ptr + kcol[:, None] * R  # (HEADS*HD2, 1): rows of U (D, r) of the first halves ...
-        u2 = u1 + HD2 * R  # ... and of the second halves
-        # one loop with a static trip count and no branch in it, so that Triton's pipeliner can prefetch a block's
-        # positions, then its latent rows, table rows and values, while the blocks before it are rebuilt and
-        # attended; blocks past K (in the last split only) are masked whole and load nothing. (A trip count
-        # bounded by K would not run in Triton's interpreter, whose program ids are arrays.)
+        sel = (b * NQ + h % NQ).to(tl.int64) * K  # the row of idx and keep: one per sequence, or one per KV head
+        u1 = u_ptr + kcol[:, None] * (RS + RR)  # (HD2, 1): rows of U (D, r) of the first halves ...
+        u2 = u1 + HD2 * (RS + RR)  # ... and of the second halves
+        if ONE_SHOT:  # the head's rows of U, loaded once: (HD2, BLOCK_R) per half and latent part
+            c = tl.arange(0, BLOCK_R)
+            u1s = tl.load(u1 + c[None, :], mask=c[None, :] < RS, other=0.0)
+            u2s = tl.load(u2 + c[None, :], mask=c[None, :] < RS, other=0.0)
+            u1r = tl.load(u1 + RS + c[None, :], mask=c[None, :] < RR, other=0.0)
+            u2r = tl.load(u2 + RS + c[None, :], mask=c[None, :] < RR, other=0.0)
+        # one loop with a static trip count, so that Triton's pipeliner can prefetch a block's positions, then its
+        # latent rows, table rows and values, while the blocks before it are rebuilt and attended; blocks past K
+        # (in the last split only) are masked whole and load nothing
         for t0 in range(0, TPS, BLOCK_N):
             t = lo + t0 + tl.arange(0, BLOCK_N)
-            ok = (t < K) & (tl.load(keep_ptr + b * K + t, mask=t < K, other=0) != 0)
-            j = tl.load(idx_ptr + b * K + t, mask=ok, other=0)  # (BLOCK_N,) positions
-            k1 = tl.zeros([BLOCK_N, HEADS * HD2], tl.float32)
-            k2 = tl.zeros([BLOCK_N, HEADS * HD2], tl.float32)
-            lat = (b * S + j[:, None])  # (BLOCK_N, 1) latent rows
-            k1, k2 = _rebuild(k1, k2, kls_ptr + lat * RS, ok, u1, u2, 0, RS, BLOCK_R, PREC)
-            k1, k2 = _rebuild(k1, k2, klr_ptr + lat * RR, ok, u1, u2, RS, RR, BLOCK_R, PREC)
-            # the tokens' rows of the model's (cos, sin) table, loaded whole (16-byte loads), split, and
-            # repeated for each head of the program
+            ok = (t < K) & (tl.load(keep_ptr + sel + t, mask=t < K, other=0) != 0)
+            j = tl.load(idx_ptr + sel + t, mask=ok, other=0)  # (BLOCK_N,) positions
+            lat = b * S + j[:, None]  # (BLOCK_N, 1) latent rows
+            if ONE_SHOT:
+                ls = tl.load(kls_ptr + lat * RS + c[None, :], mask=ok[:, None] & (c[None, :] < RS), other=0.0)
+                lr = tl.load(klr_ptr + lat * RR + c[None, :], mask=ok[:, None] & (c[None, :] < RR), other=0.0)
+                k1 = tl.dot(lr, tl.trans(u1r), tl.dot(ls, tl.trans(u1s), input_precision=PREC), input_precision=PREC)
+                k2 = tl.dot(lr, tl.trans(u2r), tl.dot(ls, tl.trans(u2s), input_precision=PREC), input_precision=PREC)
+            else:
+                k1 = tl.zeros([BLOCK_N, HD2], tl.float32)
+                k2 = tl.zeros([BLOCK_N, HD2], tl.float32)
+                k1, k2 = _rebuild(k1, k2, kls_ptr + lat * RS, ok, u1, u2, 0, RS, BLOCK_R, PREC)
+                k1, k2 = _rebuild(k1, k2, klr_ptr + lat * RR, ok, u1, u2, RS, RR, BLOCK_R, PREC)
+            # the tokens' rows of the model's (cos, sin) table, loaded whole (16-byte loads), then split
             cs = tl.load(rope_ptr + j[:, None] * HD + tl.arange(0, HD)[None, :], mask=ok[:, None], other=0.0)
             cos, sin = tl.split(tl.reshape(cs, [BLOCK_N, HD2, 2]))  # (BLOCK_N, HD2)
-            cos = tl.reshape(tl.broadcast_to(cos[:, None, :], [BLOCK_N, HEADS, HD2]), [BLOCK_N, HEADS * HD2])
-            sin = tl.reshape(tl.broadcast_to(sin[:, None, :], [BLOCK_N, HEADS, HD2]), [BLOCK_N, HEADS * HD2])
-            r1 = (k1 * cos - k2 * sin).to(q1.dtype)
-            r2 = (k2 * cos + k1 * sin).to(q1.dtype)
-            v = _values(vq_ptr, vs_ptr, vz_ptr, lat * Hkv + h0, ok, BLOCK_N, HEADS * HD, HD, BITS, q1.dtype)
+            r1 = (k1 * cos - k2 * sin).to(dt)
+            r2 = (k2 * cos + k1 * sin).to(dt)
+            v = _values(vq_ptr, vs_ptr, vz_ptr, lat * HKV + h, ok, BLOCK_N, HD, HD, BITS, dt)
             m, l, acc = _attend_block(q1, q2, r1, r2, v, ok, m, l, acc, qk_scale, PREC)
-    out = (b * Hkv + h0) * G + row  # (BLOCK_Q,) query heads
-    live = row < HEADS * G
+    out = (b * HKV + h) * G + row  # (BLOCK_Q,) query heads
     tl.store(m_ptr + out * n_split + split, m, mask=live)
     tl.store(l_ptr + out * n_split + split, l, mask=live)
-    own_v = (row[:, None] // G == cv[None, :] // HD) & live[:, None]  # each row's own head's block of acc
-    tl.store(acc_ptr + (out[:, None] * n_split + split) * HD + cv[None, :] % HD, acc, mask=own_v)
+    tl.store(acc_ptr + (out[:, None] * n_split + split) * HD + tl.arange(0, HD)[None, :], acc, mask=live[:, None])
 
 
 @triton.jit
@@ -216,14 +221,14 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, win_k: Tensor, w
     """One decode step of attention over sinks + window + selected tokens, for every sequence.
     q (B, H, Dh) pre-RoPE (any strides with contiguous channels: the kernel rotates it at input_pos); sink_k/v
     (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh) post-RoPE, window_pos (B, W) (-1 empty); input_pos (B, 1); idx,
-    keep (B, k) selected positions and which count; k_lat_score (B, S, r*), k_lat_rest (B, S, r - r*), U (D, r),
-    rope (>= S, Dh/2, 2) float32 the model's (cos, sin) table; v_q (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero
-    (B, S, Hkv, Dh/32), or (B, S, Hkv, Dh) when bits == 16.
-    Returns (B, H, Dh) in q's dtype."""
+    keep (B, NQ, k) selected positions and which count, NQ = 1 (one selection per layer) or Hkv (one per KV head);
+    k_lat_score (B, S, r*), k_lat_rest (B, S, r - r*), U (D, r), rope (>= S, Dh/2, 2) float32 the model's (cos, sin)
+    table; v_q (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero (B, S, Hkv, Dh/32), or (B, S, Hkv, Dh) when
+    bits == 16. Returns (B, H, Dh) in q's dtype."""
     B, H, HD = q.shape
-    Hkv, K = win_k.shape[2], idx.shape[1]
+    Hkv, K = win_k.shape[2], idx.shape[-1]
     cfg = decode_config(H // Hkv, q.is_cuda)
-    n_sel = split_count(K, B * Hkv // heads_per_program(Hkv, cfg), cfg)
+    n_sel = split_count(K, B * Hkv, cfg)
     m = torch.empty(B, H, 1 + n_sel, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(B, H, 1 + n_sel, HD, dtype=torch.float32, device=q.device)
@@ -238,17 +243,10 @@ def decode_config(G: int, is_cuda: bool) -> dict:
     return dict(CONFIGS["mha" if G == 1 else "gqa"]) if is_cuda else dict(INTERPRETER_CONFIG)
 
 
-def heads_per_program(Hkv: int, cfg: dict) -> int:
-    """cfg's heads, lowered to the largest power of two that divides Hkv."""
-    n = cfg["heads"]
-    while Hkv % n:
-        n //= 2
-    return n
-
-
 def split_count(K: int, programs: int, cfg: dict) -> int:
-    """How many selection splits share the K selected tokens: cfg's split_blocks token blocks each, or else
-    enough for about 4 programs per SM of an H100 (528) without splitting finer than one block."""
+    """How many selection splits share the K selected tokens of each of `programs` (sequence, KV head) pairs:
+    cfg's split_blocks token blocks each, or else enough for about 4 programs per SM of a 132-SM GPU (528) without
+    splitting finer than one block."""
     blocks = triton.cdiv(K, cfg["block_n"])
     if not blocks:
         return 0
@@ -263,26 +261,30 @@ def launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, k
     cfg: launch settings as in CONFIGS (default: decode_config). Returns Triton's compiled-kernel handle."""
     B, H, HD = q.shape
     n_sink, W, Hkv = sink_k.shape[1], win_k.shape[1], win_k.shape[2]
-    S, RS, RR, K = k_lat_score.shape[1], k_lat_score.shape[2], k_lat_rest.shape[2], idx.shape[1]
-    G, n_split = H // Hkv, m.shape[2]
+    S, RS, RR, K = k_lat_score.shape[1], k_lat_score.shape[2], k_lat_rest.shape[2], idx.shape[-1]
+    G, n_split, NQ = H // Hkv, m.shape[2], idx.shape[1]
     cfg = cfg or decode_config(G, q.is_cuda)
     assert HD in (32, 64, 128, 256) and (bits == 16 or HD % 32 == 0), f"unsupported head_dim {HD}"
     assert rope.shape[1:] == (HD // 2, 2) and rope.shape[0] >= S and rope.dtype == torch.float32, \
         f"rope must be the model's (cos, sin) table (>= {S}, {HD // 2}, 2) float32, not {tuple(rope.shape)}"
-    heads, BLOCK_N = heads_per_program(Hkv, cfg), cfg["block_n"]
+    assert idx.dim() == 3 and NQ in (1, Hkv) and keep.shape == idx.shape, \
+        f"idx, keep must be (B, 1 or Hkv, k), not {tuple(idx.shape)} and {tuple(keep.shape)}"
+    BLOCK_N = cfg["block_n"]
     TPS = BLOCK_N * max(1, triton.cdiv(triton.cdiv(K, BLOCK_N), max(1, n_split - 1)))  # tokens per split
     assert TPS * (n_split - 1) >= K, "too few splits for the selection"
     assert q.stride(2) == 1, "q needs contiguous channels"
     for t in (sink_k, sink_v, win_k, win_v, window_pos, idx, keep, k_lat_score, k_lat_rest, U, rope, v_q, m, l, acc):
         assert t.is_contiguous(), "decode_attention expects contiguous buffers"
+    one_shot = max(RS, RR) <= cfg["block_r"]
+    block_r = max(16, triton.next_power_of_2(max(RS, RR))) if one_shot else latent_block(RS, RR, cfg["block_r"])
     scale = v_q if v_scale is None else v_scale  # unused when bits == 16
     zero = v_q if v_zero is None else v_zero
-    return torch.library.wrap_triton(_sals_decode_kernel)[(B, Hkv // heads, n_split)](
+    return torch.library.wrap_triton(_sals_decode_kernel)[(n_split, Hkv, B)](
         q, sink_k, sink_v, win_k, win_v, window_pos, input_pos.reshape(B), idx, keep, k_lat_score, k_lat_rest,
-        U, rope, v_q, scale, zero, m, l, acc, S, Hkv, K, RS + RR, q.stride(0), q.stride(1),
+        U, rope, v_q, scale, zero, m, l, acc, S, K, q.stride(0), q.stride(1),
         HD ** -0.5 * math.log2(math.e),
-        G=G, HD=HD, N_SINK=n_sink, W=W, RS=RS, RR=RR, BITS=bits, TPS=TPS, HEADS=heads,
-        BLOCK_Q=max(16, triton.next_power_of_2(heads * G)), BLOCK_N=BLOCK_N, BLOCK_R=latent_block(RS, RR, cfg["block_r"]),
+        HKV=Hkv, NQ=NQ, G=G, HD=HD, N_SINK=n_sink, W=W, RS=RS, RR=RR, BITS=bits, TPS=TPS,
+        BLOCK_Q=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N, BLOCK_R=block_r, ONE_SHOT=one_shot,
         PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -312,7 +314,7 @@ if __name__ == "__main__":
             rnd(B, 64, Hkv, HD)
         window_pos, pos = torch.arange(S - 64, S, device=dev).int().expand(B, 64).contiguous(), torch.full((B, 1), S - 1, device=dev)
         idx = torch.stack([torch.randperm(S - 80, device=dev, generator=gen)[:K] + 16 for _ in range(B)]).sort(-1).values
-        keep = torch.ones(B, K, dtype=torch.bool, device=dev)
+        idx, keep = idx[:, None], torch.ones(B, 1, K, dtype=torch.bool, device=dev)
         kls, klr, U = rnd(B, S, r // 2), rnd(B, S, r - r // 2), rnd(D, r) / math.sqrt(r)
         angles = torch.arange(S, device=dev, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, HD, 2, device=dev) / HD)
         rope = torch.stack([angles.cos(), angles.sin()], -1).float()

@@ -94,12 +94,12 @@ def check_decode_kernel_rotates_far_positions_exactly():
     assert err["selected"] == 128 - 12 and err["attention"] < 1e-5, err
 
 
-# Launch settings beyond the interpreter default (heads=2, block_n=16): one KV head per program, 4 heads (lowered
-# to 2 where Hkv = 2, and 4 of 4 in MHA), larger token blocks, several blocks per split, one split in all.
-VARIANTS = [dict(heads=1, block_n=16, block_r=16, split_blocks=None),
-            dict(heads=4, block_n=32, block_r=16, split_blocks=2),
-            dict(heads=4, block_n=16, block_r=32, split_blocks=1),
-            dict(heads=2, block_n=16, block_r=16, split_blocks=99)]
+# Launch settings beyond the interpreter default (block_n=16, block_r=16): larger token blocks, several blocks per
+# split, one split in all, and latents rebuilt in one shot (block_r 32 covers r* = 24 and r - r* = 16).
+VARIANTS = [dict(block_n=32, block_r=16, split_blocks=2),
+            dict(block_n=16, block_r=32, split_blocks=1),
+            dict(block_n=16, block_r=16, split_blocks=99),
+            dict(block_n=32, block_r=32, split_blocks=None)]
 
 
 @pytest.mark.parametrize("cfg", VARIANTS)
@@ -111,10 +111,20 @@ def check_decode_kernel_launch_variants(cfg, n_head, n_kv_head):
     cfg = dict(cfg, num_warps=1, num_stages=1)
     cache, *step = random_cache(3, 256, n_head, n_kv_head, 64, pos=[255, 150, 60], dtype=torch.float32, seed=n_head,
                                 sink=4, window=8, sparsity=0.25, rank=40, score_dims=24, value_bits=4)
-    programs = 3 * n_kv_head // sals_decode.heads_per_program(n_kv_head, cfg)
-    n_split = 1 + sals_decode.split_count(cache.k_max, programs, cfg)
+    n_split = 1 + sals_decode.split_count(cache.k_max, 3 * n_kv_head, cfg)
     err = kernel_errors(cache, *step, cfg=cfg, n_split=n_split)
     assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["attention"] < 1e-5, (err, n_split)
+
+
+@pytest.mark.parametrize("one_shot", [False, True])
+def check_decode_kernel_per_kv_head_selection(one_shot):
+    """Selections made per KV head (idx (B, Hkv, k): each KV head its own tokens, as with kv-head selection):
+    the kernel attends each head's own tokens, as the reference does (float32, 1e-5)."""
+    cfg = dict(block_n=16, block_r=32 if one_shot else 16, split_blocks=None, num_warps=1, num_stages=1)
+    cache, *step = random_cache(2, 200, 8, 2, 64, pos=[199, 90], dtype=torch.float32, seed=11, sink=4, window=8,
+                                sparsity=0.25, rank=40, score_dims=24, value_bits=2, selection="kv-head")
+    err = kernel_errors(cache, *step, cfg=cfg)
+    assert err["selected"] == 2 * ((50 - 12) + (22 - 12)) and err["attention"] < 1e-5, err
 
 
 @pytest.mark.parametrize("n", [1, 5, 37])
@@ -325,7 +335,7 @@ def test_sals_layers_share_the_models_rope_table():
         SALSCache(SALSConfig(rank=32).resolve(args, 128), args, 1, 300, torch.zeros(128, 32), rope_table(args, 200))
 
 
-N_CHILD_TESTS = 9 + 4 + len(CASES) + 3 + 3 + 2 * len(VARIANTS) + 3 * len(COMPRESS_CASES) + 1
+N_CHILD_TESTS = 9 + 4 + len(CASES) + 3 + 3 + 2 * len(VARIANTS) + 2 + 3 * len(COMPRESS_CASES) + 1
 if CHILD:  # the child collects the checks as tests, and not the launcher
     assert os.environ.get("TRITON_INTERPRET") == "1"
     del test_kernels_in_triton_interpreter, test_sals_layers_share_the_models_rope_table  # parent-only tests

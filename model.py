@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
@@ -172,14 +173,32 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return y.reshape(B, H, T, D)  # CUDA SDPA may return a non-contiguous output
 
 
-class KVCache(nn.Module):
-    """Static dense cache of post-RoPE keys and values, written at each sequence's own positions."""
+def attend_prefix(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+    """Causal attention of a chunk q (b, H, T, D) at positions start .. start+T-1 over the first start + T slots of
+    k, v (b, Hkv, >= start+T, D) (views of a cache: nothing is copied). Lower-right causal alignment: query i attends
+    keys 0 .. start + i. GQA without repeating K/V heads (head h reads KV head h // G, the Hugging Face grouping)."""
+    T = q.shape[2]
+    L = start + T
+    # SDPA turns the lower-right bias into flash attention's causal flag on CUDA (16-bit dtypes; flash accepts GQA),
+    # and into plain causal attention where T == L; elsewhere (the CPU, float32 on CUDA) it builds a (T, L) boolean
+    # mask, linear in the context for a chunk of fixed length.
+    return F.scaled_dot_product_attention(q, k[:, :, :L], v[:, :, :L], attn_mask=causal_lower_right(T, L),
+                                          enable_gqa=True)
 
-    def __init__(self, batch_size: int, max_seq_length: int, n_kv_head: int, head_dim: int, dtype):
+
+class KVCache(nn.Module):
+    """Static dense cache of post-RoPE keys and values, written at each sequence's own positions.
+    fused: decode steps (one token for every row) with the Triton split-KV kernel of kernels/decode_attention.py,
+    which reads only each row's own tokens (None: on CUDA tensors; True also runs it in Triton's CPU interpreter;
+    False keeps the reference, SDPA masked over every slot)."""
+
+    def __init__(self, batch_size: int, max_seq_length: int, n_kv_head: int, head_dim: int, dtype,
+                 fused: bool | None = None):
         super().__init__()
         shape = (batch_size, n_kv_head, max_seq_length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.fused = fused
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor,
                 rows: Tensor | None = None) -> Tensor:
@@ -187,9 +206,39 @@ class KVCache(nn.Module):
         rows of these sequences, None for all rows in order (decode). Returns (b, H, T, D)."""
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         self.write(torch.arange(q.shape[0], device=q.device) if rows is None else rows, k, v, input_pos)
+        if q.shape[2] > 1:
+            return self.prefill(q, input_pos, rows)
+        if rows is None and (q.is_cuda if self.fused is None else self.fused):
+            # imported here, so that importing this module never initializes Triton (whose interpreter mode is fixed
+            # when a kernel is defined)
+            from kernels.decode_attention import decode_attention
+            return decode_attention(q[:, :, 0], self.k_cache, self.v_cache, input_pos)[:, :, None]
+        return self.attend_masked(q, input_pos, rows)
+
+    def attend_masked(self, q: Tensor, input_pos: Tensor, rows: Tensor | None) -> Tensor:
+        """The reference: every query over every slot of its row (rows: None for all), masked to positions up to
+        its own."""
         k_all, v_all = (self.k_cache, self.v_cache) if rows is None else (self.k_cache[rows], self.v_cache[rows])
         mask = torch.arange(k_all.shape[2], device=q.device) <= input_pos[..., None]  # (b, T, S)
         return attend(q, k_all, v_all, mask)
+
+    def prefill(self, q: Tensor, input_pos: Tensor, rows: Tensor | None) -> Tensor:
+        """A chunk q (b, H, T, D), already written, at consecutive positions p .. p+T-1 of each row attends to its
+        row's first p + T slots (attend_prefix on a view of the cache): no mask over the whole cache, no work past
+        the chunk. Rows at one start that are consecutive in the cache (generate.prefill's single row) take one call;
+        other rows one call each. Chunks whose positions are not consecutive fall back to attend_masked.
+        Host syncs (the positions and rows are read): prefill only."""
+        b, T = input_pos.shape
+        start = input_pos[:, :1]  # (b, 1)
+        if not torch.equal(input_pos, start + torch.arange(T, device=input_pos.device)):
+            return self.attend_masked(q, input_pos, rows)
+        starts = start[:, 0].tolist()
+        idx = list(range(b)) if rows is None else rows.tolist()
+        if len(set(starts)) == 1 and idx == list(range(idx[0], idx[0] + b)):
+            r = slice(idx[0], idx[0] + b)
+            return attend_prefix(q, self.k_cache[r], self.v_cache[r], starts[0])
+        return torch.cat([attend_prefix(q[i:i + 1], self.k_cache[r:r + 1], self.v_cache[r:r + 1], p)
+                          for i, (r, p) in enumerate(zip(idx, starts))])
 
     def write(self, b: Tensor, k: Tensor, v: Tensor, input_pos: Tensor):
         """Stores post-RoPE k and v (b, Hkv, T, D) of cache rows b (b,) at positions input_pos (b, T)."""
@@ -200,7 +249,9 @@ class KVCache(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.k_cache, self.v_cache))
 
     def bytes_read_per_step(self) -> int:
-        return self.bytes_allocated()  # a decode step attends over every slot (masked), static shapes
+        """The whole cache: what the reference decode step reads (every slot, masked); the kernel reads each row's
+        own tokens, so this is its bound, reached when every row is full."""
+        return self.bytes_allocated()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,8 @@ reads the r* prefix of BLOCK_S tokens once, scores the tile against all NB x NQ 
 bucket: the latents cost the same bytes whatever NB and NQ are; tokens past pos - window are never read. Products
 of 16-bit numbers are exact in float32 and the sums are float32, as in the reference.
 
-Ranking key: the selection ranks the float32 scores by their order-preserving integer cut to its top 16 bits (the
-score truncated to bfloat16's precision, under 0.8% relative), stored descending as `desc` in [0, 65535], 0 for the
-largest. Each program adds the histogram of desc >> 8 (256 coarse bins) over its candidates to the row's bins in
+Ranking key (kernels/ranking.py): the selection ranks the float32 scores by their order-preserving integer cut to
+its top 16 bits (the score truncated to bfloat16's precision), `desc` in [0, 65535], 0 for the largest. Each program adds the histogram of desc >> 8 (256 coarse bins) over its candidates to the row's bins in
 global memory (integer atomics: the sums do not depend on the order).
 
     python -m kernels.latent_score          # micro-benchmark on a GPU
@@ -24,15 +23,9 @@ from torch import Tensor
 
 @triton.jit
 def _desc16(s):
-    """float32 scores -> ranking keys, int32 in [0, 65535], 0 for the largest: the float's bits as an
-    order-preserving int32 (negative floats' low 31 bits flipped), its top 16 bits, reversed."""
+    """float32 scores -> ranking keys, int32 in [0, 65535], 0 for the largest (kernels.ranking.ranking_key): the
+    float's bits as an order-preserving int32 (negative floats' low 31 bits flipped), its top 16 bits, reversed."""
     bits = s.to(tl.int32, bitcast=True)
-    return 32767 - ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 16)
-
-
-def ranking_key(s: Tensor) -> Tensor:
-    """_desc16 in PyTorch: float32 scores (...) -> int32 keys (...), smaller for larger scores (-0.0 after 0.0)."""
-    bits = s.float().view(torch.int32)
     return 32767 - ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 16)
 
 

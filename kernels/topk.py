@@ -1,8 +1,8 @@
 """SALS step 4 in one Triton launch: each ranking row's top tokens within its budget, without a sort.
 
-The rule (exact and deterministic): row (b, q) takes the n = min(budget[b], k, #candidates) candidates (scores above
--inf) with the best ranking keys (kernels.latent_score.ranking_key: the float32 score cut to bfloat16's precision,
-under 0.8% relative, far below the latent ranking's own error), and among equal keys the earliest positions.
+The rule (exact and deterministic; kernels/ranking.py, its PyTorch reference): row (b, q) takes the
+n = min(budget[b], k, #candidates) candidates (scores above -inf) with the best ranking keys (the float32 score cut
+to bfloat16's precision), and among equal keys the earliest positions.
 
     idx (B, NQ, k) int64: the selected positions first, ascending, then 0; keep (B, NQ, k) bool: which are selected.
 
@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.latent_score import _desc16, launch_latent_scores, query_shape, ranking_key
+from kernels.latent_score import _desc16, launch_latent_scores, query_shape
+from kernels.ranking import select_top_reference
 
 CHUNK = 1024  # scores per program
 # A row of the select state (int32): coarse bins, fine bins, ticket and arrival counters (each in its own 32-byte
@@ -148,20 +149,6 @@ def select_top(k_lat_score: Tensor, q_lat: Tensor, input_pos: Tensor, budget: Te
     keep = torch.empty(B, NQ, k, dtype=torch.bool, device=dev)
     launch_select(scores, state, budget, idx, keep)
     return idx, keep
-
-
-def select_top_reference(scores: Tensor, budget: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The rule by brute force (integer keys, no float arithmetic): scores (B, NQ, S) float32, budget (B,).
-    Ranks by (ranking key, position), unique, with torch.topk; returns idx, keep (B, NQ, k)."""
-    B, NQ, S = scores.shape
-    j = torch.arange(S, device=scores.device)
-    live = scores > float("-inf")
-    order = (ranking_key(scores).long() * S + j).masked_fill(~live, 1 << 40)  # smaller: ranked first
-    first = order.topk(k, dim=-1, largest=False).indices  # (B, NQ, k) best first
-    n = torch.minimum(budget.clamp(min=0, max=k).view(B, 1), live.sum(-1))  # (B, NQ)
-    keep = torch.arange(k, device=scores.device) < n[..., None]
-    idx = torch.where(keep, first, S).sort(-1).values  # the selected positions ascending, then S
-    return idx.masked_fill(~keep, 0), keep
 
 
 if __name__ == "__main__":

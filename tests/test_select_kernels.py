@@ -1,9 +1,10 @@
 """The scoring and selection kernels (kernels/latent_score.py, kernels/topk.py) against brute force, run by Triton's
-CPU interpreter in a child pytest (conftest.run_interpreted; the parent never imports Triton).
+CPU interpreter in a child pytest (conftest.run_interpreted; the parent never imports Triton: kernels/ranking.py,
+the rule in PyTorch, is checked in the parent).
 
 Scores: every position against float64 sums, each token by the query of its own distance bucket
 (sals_attention.distance_bucket). Coarse histograms: a brute-force count of the keys of the kernel's own scores.
-Selection: the exact rule (topk.select_top_reference: integer keys, positions) on crafted scores (ties, equal
+Selection: the exact rule (kernels/ranking.select_top_reference: integer keys, positions) on crafted scores (ties, equal
 scores, signed zeros, floats that differ below the key's precision), its coarse bins counted here, not by the
 scoring kernel. Outputs are poisoned (NaN, -7, True) before each kernel runs.
 """
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from conftest import run_interpreted
+from kernels.ranking import ranking_key, select_top_reference  # no Triton
 from sals_attention import distance_bucket
 
 CHILD = os.environ.get("SALS_KERNEL_TESTS") == "child"
@@ -33,10 +35,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def check_ranking_key():
+def test_ranking_key():
     """ranking_key orders like the floats, and two floats share a key exactly when their bfloat16 truncations
     (the top 16 bits) are equal: -0.0 ranks just after 0.0, infinities at the ends."""
-    from kernels.latent_score import ranking_key
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1500, generator=gen) * 10.0 ** torch.randint(-44, 39, (1500,), generator=gen).float()
     special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, math.inf, -math.inf, 1.0, 1.0 + 2 ** -8, 1.0 + 2 ** -7])
@@ -70,7 +71,7 @@ def check_scores_and_histograms(NB, NQ, dtype, dot):
     """Scores of every position against float64 brute force (-inf exactly outside n_sink <= j <= pos - window;
     rows at different lengths, one with no candidate), several rankings and distance buckets, strided queries;
     the coarse histogram equal to a count of the scores' keys; the rest of the state left alone."""
-    from kernels.latent_score import launch_latent_scores, ranking_key
+    from kernels.latent_score import launch_latent_scores
     B, S, rs = 3, 300, 24
     gen = torch.Generator().manual_seed(NB * 10 + NQ)
     k = torch.randn(B, S, rs, generator=gen).to(dtype)
@@ -94,7 +95,6 @@ def check_scores_and_histograms(NB, NQ, dtype, dot):
 
 def coarse_state(scores, chunk):
     """A select state for scores (B, NQ, S) with the coarse bins counted here (as the scoring kernel would)."""
-    from kernels.latent_score import ranking_key
     from kernels.topk import select_state
     B, NQ, S = scores.shape
     state = select_state(B * NQ, S, chunk)
@@ -129,7 +129,7 @@ def check_select(kind, chunk):
     keep mask, for budgets below k, above k, above the number of candidates, zero and negative, rows at different
     lengths and one without candidates, two rankings per sequence, one chunk and many (the threshold key's ties
     spread over several chunks); a second launch on the same state writes nothing and does not hang."""
-    from kernels.topk import launch_select, select_top_reference
+    from kernels.topk import launch_select
     B, NQ, S, k = 5, 2, 300, 40
     gen = torch.Generator().manual_seed(chunk + len(kind))
     scores = crafted_scores(kind, B, NQ, S, gen)
@@ -148,7 +148,6 @@ def check_select(kind, chunk):
         launch_select(scores, state, budget, idx, keep, chunk=chunk)
         assert (idx == -7).all()
     if kind in ("levels", "equal", "zeros", "near"):  # the n-th key is tied with unselected candidates
-        from kernels.latent_score import ranking_key
         key = ranking_key(scores[0, 0])
         nth = key[idx[0, 0, keep[0, 0]]].max()
         assert (key == nth).sum() > (key[idx[0, 0, keep[0, 0]]] == nth).sum()
@@ -156,10 +155,8 @@ def check_select(kind, chunk):
         assert not torch.equal(idx[0, 0], scores[0, 0].topk(int(keep[0, 0].sum())).indices.sort().values)
 
 
-def check_reference_rule():
+def test_reference_rule():
     """select_top_reference against the rule written out in Python (sorted by key, then position)."""
-    from kernels.latent_score import ranking_key
-    from kernels.topk import select_top_reference
     gen = torch.Generator().manual_seed(3)
     scores = (torch.randn(3, 1, 200, generator=gen) * 4).round() / 4
     scores[1, 0, 150:] = -math.inf
@@ -178,7 +175,7 @@ def check_select_top_op():
     """The op scores and selects in one call: the rule applied to the scoring kernel's own scores, bfloat16
     latents, two distance buckets and two rankings, rows at different positions; bad inputs refused."""
     from kernels.latent_score import launch_latent_scores
-    from kernels.topk import select_state, select_top, select_top_reference
+    from kernels.topk import select_state, select_top
     B, S, rs, k = 3, 400, 32, 50
     gen = torch.Generator().manual_seed(7)
     lat = torch.randn(B, S, rs, generator=gen).to(torch.bfloat16)
@@ -198,9 +195,9 @@ def check_select_top_op():
         select_top(lat, q, pos, budget, SINK, WINDOW, 500)
 
 
-N_CHILD_TESTS = 1 + 24 + 18 + 1 + 1
+N_CHILD_TESTS = 24 + 18 + 1
 if CHILD:  # the child collects the checks as tests, and not the launcher
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    del test_select_kernels_in_triton_interpreter  # parent-only
+    del test_select_kernels_in_triton_interpreter, test_ranking_key, test_reference_rule  # parent-only: no Triton
     for _name in [n for n in globals() if n.startswith("check_")]:
         globals()["test_" + _name[len("check_"):]] = globals()[_name]

@@ -1,19 +1,26 @@
-"""SALS step 4 in Triton: each sequence's top tokens within its budget, by radix select, no sort.
+"""SALS step 4 in one Triton launch: each ranking row's top tokens within its budget, without a sort.
 
-For row b, the selection is the n[b] highest of its finite scores (n[b] = the row's budget, at most k):
-the scores are mapped to integers that order like them, the n[b]-th largest is found by four
-8-bit radix passes (a 256-bin histogram each, over the keys that share the digits found so far), and two last
-passes count, then write, the positions of the scores above it and of the first ties, in position order.
-torch.topk (SALSCache.top, the reference) gives the same set up to the order of ties, but sorts its k results.
-Every pass runs over (row, chunk of CHUNK scores) programs, so a row is spread over the whole GPU: one program per
-row (the previous version) took 141-148 us at B=8, 32K on an H200, where 8 programs did all the work; this one
-24-34 us at 4K-32K and B = 1-16, against torch.topk's 43-116 (BENCHMARKS.md), but more than the 18 us the one-program
-kernel took at 4K: six launches in a CUDA graph, about 4 us each by that count.
-Each program adds its chunk's histogram to the row's in global memory (integer atomics: the sums, and so the
-result, do not depend on the order) and replays the earlier passes' choices from those histograms, so the
-passes share no other state: six launches, no host sync, static shapes.
+The rule (exact and deterministic; kernels/ranking.py, its PyTorch reference): row (b, q) takes the
+n = min(budget[b], k, #candidates) candidates (scores above -inf) with the best ranking keys (the float32 score cut
+to bfloat16's precision), and among equal keys the earliest positions.
 
-    idx (B, k) int64: the selected positions first, ascending, then 0; keep (B, k) bool: which are selected.
+    idx (B, NQ, k) int64: the selected positions first, ascending, then 0; keep (B, NQ, k) bool: which are selected.
+
+select_top scores (kernels/latent_score.py, which also counts the keys' top 8 bits in 256 coarse bins per row) and
+selects. From the coarse bins, a cumulative sum from the top gives the coarse bin of the n-th key. Each chunk of
+CHUNK scores of a row then gets two programs of the one launch:
+  1. the fine histogram: its keys in that coarse bin counted by their low 8 bits, added to the row's 256 fine bins;
+     then it signs in;
+  2. when all of the row's first programs have signed in: the threshold key T (the fine bin of the n-th key) and
+     need_eq (how many keys equal to T are taken: the earliest), its chunk's counts of keys above T and equal to T
+     published in one word with a ready bit, the counts of the chunks before it summed once they are all ready
+     (decoupled look-back), and its selected positions written after theirs.
+Each program takes its role and chunk from a ticket counter of its row (an atomic add) and waits only on programs of
+the same row with smaller tickets, which have started and never wait on a later one: whatever order the GPU starts
+programs in, the smallest unfinished ticket can always run, so the launch cannot deadlock; Triton's interpreter runs
+programs one after another in ticket order and never waits. All the state these programs share (coarse and fine
+bins, counters, look-back words) is one int32 tensor that select_top allocates zeroed for every call (one memset),
+so a step re-run at the same position starts from zeros like the first.
 
     python -m kernels.topk          # micro-benchmark on a GPU against torch.topk
 """
@@ -22,158 +29,173 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-CHUNK = 1024  # scores per program and pass on a GPU; INTERPRETER_CHUNK under TRITON_INTERPRET (small tests)
-INTERPRETER_CHUNK = 64
+from kernels.latent_score import _desc16, launch_latent_scores, query_shape
+from kernels.ranking import select_top_reference
+
+CHUNK = 1024  # scores per program
+# A row of the select state (int32): coarse bins, fine bins, ticket and arrival counters (each in its own 32-byte
+# sector: they take atomics), then one look-back word per chunk: READY | (keys above T) << 15 | (keys equal to T).
+COARSE, FINE, TICKET, ARRIVE, WORDS = tl.constexpr(0), tl.constexpr(256), tl.constexpr(512), tl.constexpr(520), \
+    tl.constexpr(528)
+READY = tl.constexpr(1 << 30)
 
 
 @triton.jit
-def _ordered(s):
-    """float32 -> int32 keys in the same order: the low 31 bits of negative floats flipped."""
-    bits = s.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _digit(key, p: tl.constexpr):
-    """Pass p's 8 bits of key, flipped so that bin 0 holds the largest (the sign byte: negative keys below)."""
-    d = (key >> (24 - 8 * p)) & 255
-    if p == 0:
-        d = d ^ 128
-    return 255 - d
-
-
-@triton.jit
-def _threshold(hist_ptr, n_ptr, b, K: tl.constexpr, PASSES: tl.constexpr):
-    """Replays passes 0..PASSES-1 from row b's histograms: (prefix, need, count). prefix holds the top 8 * PASSES
-    bits of the count-th largest key (count = min(budget, K, candidates)), need is how many keys still to take
-    among those sharing them (all bits after four passes: how many of the keys equal to the threshold)."""
+def _select_kernel(s_ptr, st_ptr, budget_ptr, idx_ptr, keep_ptr, S, K, NQ, stride_st, NC: tl.constexpr,
+                   NC_P: tl.constexpr, CHUNK: tl.constexpr, K_PER: tl.constexpr, K_PER_P: tl.constexpr):
+    row = tl.program_id(1)
+    st = st_ptr + row * stride_st
+    t = tl.atomic_add(st + TICKET, 1, sem="relaxed")  # this program's role and chunk
+    first = t < NC
+    c = tl.where(first, t, t - NC)
+    j = c * CHUNK + tl.arange(0, CHUNK)  # (CHUNK,) positions
+    s = tl.load(s_ptr + row.to(tl.int64) * S + j, mask=j < S, other=float("-inf"))
+    key = _desc16(s)
+    live = s > float("-inf")  # candidates
     bins = tl.arange(0, 256)
-    prefix = tl.zeros([], tl.int32)
-    need = tl.zeros([], tl.int32)
-    count = tl.zeros([], tl.int32)
-    for p in tl.static_range(PASSES):
-        hist = tl.load(hist_ptr + (b * 4 + p) * 256 + bins)
-        if p == 0:  # pass 0 counts every candidate
-            n = tl.load(n_ptr + b).to(tl.int32)
-            need = tl.maximum(tl.minimum(tl.minimum(n, K), tl.sum(hist, 0)), 0)
-            count = need
-        cum = tl.cumsum(hist, 0)  # keys in bins <= this one
-        pick = tl.sum((cum < need).to(tl.int32), 0)  # the bin holding the need-th largest key
-        need -= tl.sum(tl.where(bins < pick, hist, 0), 0)
-        prefix = prefix | (((255 - pick) ^ (128 if p == 0 else 0)) << (24 - 8 * p))
-    return prefix, need, count
+    coarse = tl.load(st + COARSE + bins)
+    n = tl.minimum(tl.maximum(tl.load(budget_ptr + row // NQ).to(tl.int32), 0), K)
+    n = tl.minimum(n, tl.sum(coarse, 0))  # how many the row selects
+    cb = tl.sum((tl.cumsum(coarse, 0) < n).to(tl.int32), 0)  # the coarse bin of the n-th key (0 when n = 0)
+    if first:
+        h = tl.histogram(key & 255, 256, mask=live & ((key >> 8) == cb))
+        tl.atomic_add(st + FINE + bins, h, mask=h > 0, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds come before the sign-in, a release by one thread
+        tl.atomic_add(st + ARRIVE, 1, sem="release")
+    else:
+        arrived = tl.atomic_add(st + ARRIVE, 0, sem="acquire")
+        while arrived < NC:
+            arrived = tl.atomic_add(st + ARRIVE, 0, sem="acquire")
+        fine = tl.load(st + FINE + bins, volatile=True)
+        need = n - tl.sum(tl.where(bins < cb, coarse, 0), 0)  # keys still to take in coarse bin cb
+        fb = tl.sum((tl.cumsum(fine, 0) < need).to(tl.int32), 0)
+        need_eq = need - tl.sum(tl.where(bins < fb, fine, 0), 0)
+        T = cb * 256 + fb  # the n-th key: all keys below it (better) are taken, and the first need_eq equal to it
+        gt, eq = live & (key < T), live & (key == T)
+        tl.atomic_xchg(st + WORDS + c, READY | (tl.sum(gt.to(tl.int32), 0) << 15) | tl.sum(eq.to(tl.int32), 0),
+                       mask=c < NC, sem="relaxed")  # c >= NC only on a state that was not zeroed: stay in the row
+        ch = tl.arange(0, NC_P)
+        before = (ch < c) & (ch < NC)  # the chunks before this one
+        w = tl.load(st + WORDS + ch, mask=before, other=READY, volatile=True)
+        while tl.min(w, 0) < READY:
+            w = tl.load(st + WORDS + ch, mask=before, other=READY, volatile=True)
+        gt_before, eq_before = tl.sum((w >> 15) & 0x7FFF, 0), tl.sum(w & 0x7FFF, 0)
+        sel = gt | (eq & (eq_before + tl.cumsum(eq.to(tl.int32), 0) <= need_eq))
+        slot = gt_before + tl.minimum(eq_before, need_eq) + tl.cumsum(sel.to(tl.int32), 0) - 1
+        out = row.to(tl.int64) * K
+        tl.store(idx_ptr + out + slot, j.to(tl.int64), mask=sel)
+        k = c * K_PER + tl.arange(0, K_PER_P)  # this program's share of keep, and of the unselected slots of idx
+        ok = (tl.arange(0, K_PER_P) < K_PER) & (k < K)
+        tl.store(keep_ptr + out + k, k < n, mask=ok)
+        tl.store(idx_ptr + out + k, tl.zeros([K_PER_P], tl.int64), mask=ok & (k >= n))
 
 
-@triton.jit
-def _chunk(s_ptr, b, c, S: tl.constexpr, CHUNK: tl.constexpr):
-    """Positions (CHUNK,) of chunk c of row b, their keys, and which are candidates (finite scores)."""
-    j = c * CHUNK + tl.arange(0, CHUNK)
-    s = tl.load(s_ptr + b.to(tl.int64) * S + j, mask=j < S, other=float("-inf"))
-    return j, _ordered(s), s > float("-inf")
+def state_width(S: int, chunk: int) -> int:
+    """Int32 words in a row of the select state: the fixed fields, one look-back word per chunk, rounded up to 16
+    (rows 64-byte aligned)."""
+    return -(-(WORDS.value + triton.cdiv(S, chunk)) // 16) * 16
 
 
-@triton.jit
-def _histogram_kernel(s_ptr, n_ptr, hist_ptr, S: tl.constexpr, K: tl.constexpr, CHUNK: tl.constexpr,
-                      PASS: tl.constexpr):
-    """Pass PASS: the chunk's histogram of digit PASS over the candidates sharing the digits found so far."""
-    b, c = tl.program_id(0), tl.program_id(1)
-    j, key, live = _chunk(s_ptr, b, c, S, CHUNK)
-    if PASS > 0:
-        prefix, need, count = _threshold(hist_ptr, n_ptr, b, K, PASS)
-        live = live & ((key >> (32 - 8 * PASS)) == (prefix >> (32 - 8 * PASS)))
-    hist = tl.histogram(_digit(key, PASS), 256, mask=live)
-    bins = tl.arange(0, 256)
-    tl.atomic_add(hist_ptr + (b * 4 + PASS) * 256 + bins, hist, mask=hist > 0, sem="relaxed")
+def select_state(rows: int, S: int, chunk: int = CHUNK, device=None) -> Tensor:
+    """The zeroed int32 state (rows, state_width) that launch_latent_scores adds the coarse bins into and
+    launch_select works in."""
+    return torch.zeros(rows, state_width(S, chunk), dtype=torch.int32, device=device)
 
 
-@triton.jit
-def _count_kernel(s_ptr, n_ptr, hist_ptr, cnt_ptr, S: tl.constexpr, K: tl.constexpr, CHUNK: tl.constexpr,
-                  N_CHUNK: tl.constexpr):
-    """How many keys of the chunk are above the threshold, and how many equal it."""
-    b, c = tl.program_id(0), tl.program_id(1)
-    j, key, live = _chunk(s_ptr, b, c, S, CHUNK)
-    prefix, need, count = _threshold(hist_ptr, n_ptr, b, K, 4)
-    base = cnt_ptr + (b * N_CHUNK + c) * 2
-    tl.store(base, tl.sum((live & (key > prefix)).to(tl.int32), 0))
-    tl.store(base + 1, tl.sum((live & (key == prefix)).to(tl.int32), 0))
-
-
-@triton.jit
-def _write_kernel(s_ptr, n_ptr, hist_ptr, cnt_ptr, idx_ptr, keep_ptr, S: tl.constexpr, K: tl.constexpr,
-                  CHUNK: tl.constexpr, N_CHUNK: tl.constexpr, N_POW: tl.constexpr, K_PER: tl.constexpr):
-    """The chunk's selected positions, after those of the chunks before it; then slots c*K_PER.. of keep, and 0
-    in the unselected slots of idx."""
-    b, c = tl.program_id(0), tl.program_id(1)
-    j, key, live = _chunk(s_ptr, b, c, S, CHUNK)
-    prefix, need, count = _threshold(hist_ptr, n_ptr, b, K, 4)
-    chunks = tl.arange(0, N_POW)  # N_POW: N_CHUNK rounded up to a power of two
-    before = chunks < c
-    cnt = cnt_ptr + (b * N_CHUNK + chunks) * 2
-    gt_before = tl.sum(tl.load(cnt, mask=before, other=0), 0)
-    eq_before = tl.sum(tl.load(cnt + 1, mask=before, other=0), 0)
-    eq = (live & (key == prefix)).to(tl.int32)
-    sel = (live & (key > prefix)) | ((eq != 0) & (eq_before + tl.cumsum(eq, 0) <= need))
-    slot = gt_before + tl.minimum(eq_before, need) + tl.cumsum(sel.to(tl.int32), 0) - 1
-    row = b.to(tl.int64) * K
-    tl.store(idx_ptr + row + slot, j.to(tl.int64), mask=sel)
-    for k0 in tl.static_range(0, K_PER, CHUNK):
-        k = c * K_PER + k0 + tl.arange(0, CHUNK)
-        ok = (k0 + tl.arange(0, CHUNK) < K_PER) & (k < K)
-        tl.store(keep_ptr + row + k, k < count, mask=ok)
-        tl.store(idx_ptr + row + k, tl.zeros([CHUNK], tl.int64), mask=ok & (k >= count))
+def launch_select(scores: Tensor, state: Tensor, budget: Tensor, idx: Tensor, keep: Tensor, chunk: int = CHUNK,
+                  num_warps: int = 4):
+    """The selection into idx, keep (B, NQ, k) (tests pass poisoned buffers): scores (B, NQ, S) float32 (-inf: not a
+    candidate), state as select_state(B * NQ, S, chunk) holding the coarse bins launch_latent_scores added and zeros
+    elsewhere, budget (B,) integer tokens each sequence attends (may be <= 0 or > k)."""
+    B, NQ, S = scores.shape
+    K = idx.shape[-1]
+    if scores.dtype != torch.float32 or not scores.is_contiguous():
+        raise ValueError(f"scores must be contiguous float32, got {scores.dtype}.")
+    if idx.shape != (B, NQ, K) or keep.shape != idx.shape or not (idx.is_contiguous() and keep.is_contiguous()):
+        raise ValueError(f"idx and keep must be contiguous ({B}, {NQ}, k), got {tuple(idx.shape)}, "
+                         f"{tuple(keep.shape)}.")
+    if budget.shape != (B,) or budget.is_floating_point():
+        raise ValueError(f"budget must be a ({B},) integer tensor (each sequence's n_attend), got "
+                         f"{tuple(budget.shape)} {budget.dtype}.")
+    if chunk & (chunk - 1) or not 16 <= chunk <= 1 << 14:  # the look-back word holds counts below 2^15
+        raise ValueError(f"chunk {chunk} must be a power of two in 16..16384.")
+    if K > S:
+        raise ValueError(f"k = {K} is more than the {S} positions a row has.")
+    if state.shape != (B * NQ, state_width(S, chunk)) or state.dtype != torch.int32 or not state.is_contiguous():
+        raise ValueError(f"state must be select_state({B * NQ}, {S}, {chunk}), got {tuple(state.shape)} "
+                         f"{state.dtype}.")
+    if K == 0:
+        return
+    NC = triton.cdiv(S, chunk)
+    K_PER = triton.cdiv(K, NC)
+    torch.library.wrap_triton(_select_kernel)[(2 * NC, B * NQ)](
+        scores, state, budget, idx, keep, S, K, NQ, state.stride(0), NC=NC, NC_P=triton.next_power_of_2(NC),
+        CHUNK=chunk, K_PER=K_PER, K_PER_P=triton.next_power_of_2(K_PER), num_warps=num_warps)
 
 
 @torch.library.triton_op("sals::select_top", mutates_args=())
-def select_top(scores: Tensor, budget: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """scores (B, S) float32, -inf outside the candidates; budget (B,) int64 tokens each row attends (may be
-    <= 0 or > k). Returns idx (B, k) int64 and keep (B, k) bool as in the module docstring."""
-    B = scores.shape[0]
-    idx = torch.empty(B, k, dtype=torch.int64, device=scores.device)
-    keep = torch.empty(B, k, dtype=torch.bool, device=scores.device)
-    launch_select(scores, budget, idx, keep)
-    return idx, keep
-
-
-def launch_select(scores: Tensor, budget: Tensor, idx: Tensor, keep: Tensor):
-    """select_top into idx, keep (tests pass poisoned buffers)."""
-    B, S = scores.shape
-    K = idx.shape[1]
-    assert scores.dtype == torch.float32 and scores.is_contiguous() and budget.shape == (B,)
-    chunk = CHUNK if scores.is_cuda else INTERPRETER_CHUNK
-    n_chunk = triton.cdiv(S, chunk)
-    hist = torch.zeros(B, 4, 256, dtype=torch.int32, device=scores.device)  # (B, pass, bin), atomics add to it
-    cnt = torch.empty(B, n_chunk, 2, dtype=torch.int32, device=scores.device)  # per chunk: above, equal
-    grid, warps = (B, n_chunk), 4 if scores.is_cuda else 1
-    for p in range(4):
-        torch.library.wrap_triton(_histogram_kernel)[grid](scores, budget, hist, S, K, chunk, p, num_warps=warps)
-    torch.library.wrap_triton(_count_kernel)[grid](scores, budget, hist, cnt, S, K, chunk, n_chunk, num_warps=warps)
-    torch.library.wrap_triton(_write_kernel)[grid](scores, budget, hist, cnt, idx, keep, S, K, chunk, n_chunk,
-                                                   triton.next_power_of_2(n_chunk), triton.cdiv(K, n_chunk),
-                                                   num_warps=warps)
-
-
-def select_top_reference(scores: Tensor, budget: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The same by sorting (float64 scores, ties by position): brute force for the tests."""
-    B, S = scores.shape
-    order = torch.argsort(-scores.double(), dim=1, stable=True)  # position order among equal scores
-    n = torch.minimum(budget.clamp(min=0, max=k), scores.isfinite().sum(1))
-    keep = torch.arange(k)[None] < n[:, None]
-    idx = torch.zeros(B, k, dtype=torch.int64)
-    for b in range(B):
-        idx[b, :n[b]] = order[b, :n[b]].sort().values
+def select_top(k_lat_score: Tensor, q_lat: Tensor, input_pos: Tensor, budget: Tensor, n_sink: int, window: int,
+               k: int) -> tuple[Tensor, Tensor]:
+    """Scores (kernels.latent_score) and selects: k_lat_score (B, S, r*), q_lat (B, NB, NQ, r*), input_pos (B, 1),
+    budget (B,) each sequence's tokens to attend. Returns idx, keep (B, NQ, k) as in the module docstring.
+    Two launches after one memset, no host sync, static shapes."""
+    B, S, _ = k_lat_score.shape
+    NB, NQ = query_shape(k_lat_score, q_lat)
+    dev = k_lat_score.device
+    scores = torch.empty(B, NQ, S, dtype=torch.float32, device=dev)
+    state = select_state(B * NQ, S, CHUNK, dev)
+    launch_latent_scores(k_lat_score, q_lat, input_pos, n_sink, window, scores, state)
+    idx = torch.empty(B, NQ, k, dtype=torch.int64, device=dev)
+    keep = torch.empty(B, NQ, k, dtype=torch.bool, device=dev)
+    launch_select(scores, state, budget, idx, keep)
     return idx, keep
 
 
 if __name__ == "__main__":
-    from kernels.timing import graph_us  # CUDA-graph replays: six launches cost no Python time in a step
-    for B, S in [(1, 4096), (8, 4096), (16, 4096), (8, 8192), (8, 16384), (16, 16384), (1, 32768), (8, 32768),
-                 (16, 32768)]:
-        k = S // 8 - 80
-        s = torch.randn(B, S, device="cuda")
-        s[:, :16] = s[:, -64:] = float("-inf")
-        n = torch.full((B,), k, device="cuda")
-        idx, keep = select_top(s, n, k)
-        ref = s.topk(k, dim=-1).indices.sort(-1).values
-        same = torch.equal(idx, ref) and bool(keep.all())
-        t, t_ref = graph_us(lambda: select_top(s, n, k)), graph_us(lambda: s.topk(k, dim=-1))
-        print(f"B={B} S={S} k={k}: select_top {t:.1f} us, torch.topk {t_ref:.1f} us, same set: {same}")
+    import sys
+
+    from kernels.timing import copy_ceiling, graph_us
+    CHUNKS = (256, 512, 1024, 2048)
+    print("k = S/8 - 80, n_sink 16, window 64, every row at the end, random bf16 latents, NB = 1. 'score+select': "
+          "select_top (memset, scoring, selection); 'select': launch_select after a copy of the state (standing for "
+          "the memset), per chunk size; floors: bytes at the copy ceiling (select: the scores read, idx and keep "
+          "written); exact: idx and keep equal to select_top_reference at every chunk size")
+    print(f"| NQ | B | S | r* | score+select us (floor) | scoring us | select us, chunk {'/'.join(map(str, CHUNKS))} "
+          f"(floor) | torch.topk us | exact |\n" + "| --- " * 9 + "|")
+    for NQ in map(int, sys.argv[1:] or (1, 8)):
+        for B in (1, 8, 16):
+            for S in (4096, 8192, 16384, 32768, 131072):
+                for RS in (64, 256):
+                    K = S // 8 - 80
+                    lat = torch.randn(B, S, RS, device="cuda", dtype=torch.bfloat16)
+                    q = torch.randn(B, 1, NQ, RS, device="cuda", dtype=torch.bfloat16)
+                    pos = torch.full((B, 1), S - 1, device="cuda")
+                    budget = torch.full((B,), K, dtype=torch.int32, device="cuda")
+                    scores = torch.empty(B, NQ, S, device="cuda")
+                    hist = select_state(B * NQ, S, CHUNK, "cuda")  # accumulates over the scoring replays: harmless
+                    launch_latent_scores(lat, q, pos, 16, 64, scores, hist)
+                    ref_idx, ref_keep = select_top_reference(scores, budget, K)
+                    idx, keep = select_top(lat, q, pos, budget, 16, 64, K)
+                    exact = torch.equal(idx, ref_idx) and torch.equal(keep, ref_keep)
+                    t_all = graph_us(lambda: select_top(lat, q, pos, budget, 16, 64, K))
+                    t_score = graph_us(lambda: launch_latent_scores(lat, q, pos, 16, 64, scores, hist))
+                    t_select = []
+                    for chunk in CHUNKS if RS == 64 else ():  # the selection does not depend on r*
+                        full = select_state(B * NQ, S, chunk, "cuda")
+                        launch_latent_scores(lat, q, pos, 16, 64, scores, full)
+                        state = full.clone()
+
+                        def select():
+                            state.copy_(full)
+                            launch_select(scores, state, budget, idx, keep, chunk)
+                        select()
+                        exact &= torch.equal(idx, ref_idx) and torch.equal(keep, ref_keep)
+                        t_select.append(graph_us(select))
+                    t_ref = graph_us(lambda: scores.topk(K, dim=-1))
+                    out_bytes = B * NQ * (4 * S + 9 * K)  # scores read (or written), idx and keep written
+                    floor_all = (B * (S - 80) * RS * 2 + 2 * out_bytes) / copy_ceiling() * 1e6
+                    floor_select = out_bytes / copy_ceiling() * 1e6
+                    select_us = " / ".join(f"{t:.1f}" for t in t_select) + f" ({floor_select:.1f})" if t_select else "-"
+                    print(f"| {NQ} | {B} | {S} | {RS} | {t_all:.1f} ({floor_all:.1f}) | {t_score:.1f} | {select_us} | "
+                          f"{t_ref:.1f} | {exact} |", flush=True)
+                    del lat, scores

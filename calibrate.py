@@ -10,6 +10,10 @@ D = n_kv_head * head_dim, without ever storing the keys; saves its eigenvectors 
 It also reports per layer how much key energy the 25% and 12.5% ranks keep and how well latent
 top-k ranks tokens (overlap_score), measured on held-out sequences that do not enter C.
 
+With --tp N (tensor parallelism, tp.py) each rank compresses only its own KV heads' keys: the basis is then
+block-diagonal, one block per rank, the eigenvectors of C's diagonal block of that rank's heads
+(<checkpoint>/sals_calib_tpN.pt), and the overlap is measured with each rank selecting its own tokens.
+
 Default corpus: data/calibration.txt, the first part of Pride and Prejudice (public domain); the rest of the
 novel, data/heldout.txt, is never calibrated on (data/README.md).
 """
@@ -27,6 +31,7 @@ from torch import Tensor
 
 from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype, load_model, rope_frequencies
 from sals_attention import RANKINGS, SALSConfig, bucket_rotations, distance_bucket, n_buckets
+from tp import check_tp_size, local_args
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TEXT = ROOT / "data" / "calibration.txt"
@@ -144,7 +149,8 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
                   inv_freq: Tensor | None = None) -> float:
     """How much true attention latent top-k keeps, relative to the best possible choice.
 
-    q: (H, T, Dh) and k: (Hkv, T, Dh) pre-RoPE, one whole sequence; rope: (T, Dh/2, 2); basis: (D, r*).
+    q: (H, T, Dh) and k: (Hkv, T, Dh) pre-RoPE, one whole sequence; rope: (T, Dh/2, 2); basis: (D, r*), or
+    (N, D/N, r*) for N tensor-parallel ranks, each holding Hkv/N KV heads and ranking them with its own block.
     For each query position t in the last quarter of the sequence (context t+1 tokens):
       - true attention a_j: post-RoPE causal softmax(q.k / sqrt(Dh)) over j <= t, averaged over the
         H query heads (the SALS selection is shared by all heads of a layer);
@@ -156,12 +162,17 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
         q_lat's head sums are first rotated by sals_attention.bucket_rotations' one bucket at t, from inv_freq;
         with "bucket-rope" by each distance bucket's rotation, key j scored by its bucket's q_lat);
       - oracle choice: top n candidates by a_j;
-      - ratio = a(sinks + window + latent choice) / a(sinks + window + oracle choice), <= 1.
+      - ratio = a(sinks + window + latent choice) / a(sinks + window + oracle choice), <= 1 (N = 1).
+    With N ranks, each rank's latent choice is its own (its heads' query and keys on its block) and its heads
+    attend to it: the latent mass is averaged over all heads, each head on its rank's choice. The oracle stays the
+    layer's one shared choice, so that the ratios compare with N = 1; per-rank choices may exceed it (ratio > 1).
     Returns the mean ratio over positions with n > 0 (nan if none). 1.0 means latent ranking loses
     nothing against the oracle at this budget; the paper reports > 0.9 for most layers."""
     H, T, Dh = q.shape
     Hkv = k.shape[0]
-    q, k, basis = q.float(), k.float(), basis.float()
+    basis = (basis if basis.dim() == 3 else basis[None]).float()  # (N, D/N, r*)
+    N = basis.shape[0]
+    q, k = q.float(), k.float()
     q_rope = apply_rope(q[None], rope[None])[0].reshape(Hkv, H // Hkv, T, Dh)  # (Hkv, G, T, Dh)
     k_rope = apply_rope(k[None], rope[None])[0]  # (Hkv, T, Dh)
     q_sum = q.reshape(Hkv, H // Hkv, T, Dh).sum(1)  # (Hkv, T, Dh)
@@ -175,26 +186,29 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
         pos, inv_freq = torch.arange(T, device=q.device)[:, None], inv_freq.to(q.device)
         rot = bucket_rotations(inv_freq, pos, sink, window, n_b)  # (T, n_b, Dh/2, 2)
         q_sum = apply_rope(q_sum, rot[:, :, None])  # (T, n_b, Hkv, Dh)
-    q_lat = q_sum.flatten(-2) @ basis  # (T, max(n_b, 1), r*): one latent query per distance bucket
-    k_lat = k.transpose(0, 1).reshape(T, -1) @ basis  # (T, r*)
+    # one latent query per distance bucket and rank, each rank's from its own KV heads
+    q_lat = torch.einsum("tbnd,ndr->tbnr", q_sum.unflatten(-2, (N, -1)).flatten(-2), basis)  # (T, max(n_b, 1), N, r*)
+    k_lat = torch.einsum("tnd,ndr->tnr", k.transpose(0, 1).reshape(T, N, -1), basis)  # (T, N, r*)
     j = torch.arange(T, device=q.device)
     ratios = []
     for t in torch.arange(T - T // 4, T, device=q.device).split(query_chunk):  # (n,) query positions
         logits = torch.einsum("kgnd,ksd->kgns", q_rope[:, :, t], k_rope) / math.sqrt(Dh)  # (Hkv, G, n, T)
         logits = logits.masked_fill(j > t[:, None], float("-inf"))
-        attn = logits.softmax(-1).mean((0, 1))  # (n, T)
+        attn_rank = logits.softmax(-1).unflatten(0, (N, -1)).mean((1, 2)).transpose(0, 1)  # (n, N, T) per rank
+        attn = attn_rank.mean(1)  # (n, T)
         budget = (sparsity * (t + 1)).floor().long() - sink - window  # (n,)
         middle = (j >= sink) & (j <= t[:, None] - window)  # (n, T)
         always = attn.masked_fill(middle, 0).sum(-1)  # sinks + window (+ the future, which is 0)
         k_max = max(int(budget.max()), 0)
         ranks_ok = torch.arange(k_max, device=q.device) < budget[:, None]  # (n, k_max)
 
-        def kept(score: Tensor) -> Tensor:  # attention mass of the top-`budget` middle tokens by score
-            idx = score.masked_fill(~middle, float("-inf")).topk(k_max, dim=-1).indices
-            return (attn.gather(-1, idx) * ranks_ok).sum(-1)
+        def kept(score: Tensor, mass: Tensor) -> Tensor:  # mass (n, N', T) on the top-`budget` middle tokens by score
+            idx = score.masked_fill(~middle[:, None], float("-inf")).topk(k_max, dim=-1).indices  # (n, N', k_max)
+            return (mass.gather(-1, idx) * ranks_ok[:, None]).sum(-1).mean(-1)
         bucket = distance_bucket(t[:, None] - j, window, max(n_b, 1))  # (n, T)
-        latent = (q_lat[t] @ k_lat.T).gather(1, bucket[:, None])[:, 0]  # (n, T): each key by its bucket's query
-        ratio = (always + kept(latent)) / (always + kept(attn))
+        latent = torch.einsum("mbnr,snr->mnbs", q_lat[t], k_lat)  # (n, N, max(n_b, 1), T)
+        latent = latent.gather(2, bucket[:, None, None].expand(-1, N, 1, -1))[:, :, 0]  # each key by its bucket's query
+        ratio = (always + kept(latent, attn_rank)) / (always + kept(attn[:, None], attn[:, None]))
         ratios.append(ratio[budget > 0])
     ratios = torch.cat(ratios)
     return ratios.mean().item() if ratios.numel() else float("nan")
@@ -203,18 +217,30 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
 # ---------------------------------------------------------------------------------------------
 # Calibration.
 
-def k_weight_norms(model: Transformer) -> list[float]:
+def k_weight_norms(model: Transformer, tp: int = 1) -> list:
     """Frobenius norm (float64) of each layer's K projection rows of wqkv: a fingerprint that tells
-    apart models of the same shape."""
+    apart models of the same shape. tp > 1: per layer, one norm per rank's block of KV heads (the rows
+    a sharded model of that rank holds, whose own k_weight_norms are these)."""
     a = model.args
     q_size, kv_size = a.n_head * a.head_dim, a.n_kv_head * a.head_dim
-    return [layer.attention.wqkv.weight[q_size:q_size + kv_size].double().norm().item()
-            for layer in model.layers]
+    norms = [layer.attention.wqkv.weight[q_size:q_size + kv_size].double().unflatten(0, (tp, -1)).flatten(1)
+             .norm(dim=1).tolist() for layer in model.layers]
+    return [n[0] for n in norms] if tp == 1 else norms
 
 
 def energy(eigvals: Tensor, rank: int) -> Tensor:
-    """Share of the second moment's trace kept by the top `rank` eigenvalues; eigvals (L, D) descending."""
-    return eigvals[:, :rank].sum(-1) / eigvals.sum(-1)
+    """Share of the second moment's trace kept by the top `rank` eigenvalues; eigvals (L, D) descending, or
+    (L, N, D/N): the top `rank` of each of N blocks."""
+    return eigvals[..., :rank].flatten(1).sum(-1) / eigvals.flatten(1).sum(-1)
+
+
+def block_eigh(C: Tensor, tp: int) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (tp, D/tp) and eigenvectors (tp, D/tp, D/tp) of the tp diagonal blocks of C (D, D) (a tensor-
+    parallel rank's KV heads each), sorted descending."""
+    d = C.shape[0] // tp
+    vals, vecs = torch.linalg.eigh(torch.stack([C[i * d:(i + 1) * d, i * d:(i + 1) * d] for i in range(tp)]))
+    # C is positive semi-definite: negative eigenvalues are round-off (of order 1e-16 * trace)
+    return vals.flip(-1).clamp(min=0), vecs.flip(-1)
 
 
 def progress(label: str, i: int, n: int, t0: float, width: int = 30):
@@ -227,11 +253,13 @@ def progress(label: str, i: int, n: int, t0: float, width: int = 30):
 
 
 @torch.inference_mode()
-def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose: bool = True) -> dict:
+def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose: bool = True, tp: int = 1) -> dict:
     """calib_seqs: (N, S) token ids whose keys make the second moments; eval_seqs: (M, S') held-out
     ids on which overlap_score is measured (M may be 0). Returns eigvals (L, D) float64 and eigvecs
-    [(D, D)] float64, both sorted descending, n_tokens and the per-layer report."""
+    [(D, D)] float64, both sorted descending, n_tokens, tp and the per-layer report. tp > 1: one basis per
+    tensor-parallel rank, eigvals (L, tp, D/tp) and eigvecs [(tp, D/tp, D/tp)] (block_eigh)."""
     a = model.args
+    check_tp_size(a, tp)
     D = a.n_kv_head * a.head_dim
     device = model.output.weight.device
     S_max = max(calib_seqs.shape[1], eval_seqs.shape[1])
@@ -249,18 +277,16 @@ def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose
                 progress(label, i + 1, len(seqs), t0)
 
     run(calib_seqs, "calibration")
-    eigvals, eigvecs = [], []
-    for s in stats:
-        vals, vecs = torch.linalg.eigh(s.second_moment.cpu())  # ascending
-        # C is positive semi-definite: negative eigenvalues are round-off (of order 1e-16 * trace)
-        eigvals.append(vals.flip(0).clamp(min=0))
-        eigvecs.append(vecs.flip(1))
-    eigvals = torch.stack(eigvals)  # (L, D)
+    blocks = [block_eigh(s.second_moment.cpu(), tp) for s in stats]
+    # one rank keeps the one-basis layout: eigvals (L, D), eigvecs [(D, D)]
+    eigvals = torch.stack([vals if tp > 1 else vals[0] for vals, _ in blocks])
+    eigvecs = [vecs if tp > 1 else vecs[0] for _, vecs in blocks]
 
-    at = lambda f: SALSConfig(rank_fraction=f, value_bits=16).resolve(a, D)  # noqa: E731  ranks as SALS resolves them
+    # ranks as SALS resolves them, on each rank's D/tp-wide keys
+    at = lambda f: SALSConfig(rank_fraction=f, value_bits=16).resolve(local_args(a, tp), D // tp)  # noqa: E731
     r25, r125, score_dims = at(0.25).rank, at(0.125).rank, at(0.25).score_dims
     for s, vecs in zip(stats, eigvecs):
-        s.basis = vecs[:, :score_dims].to(device)
+        s.basis = vecs[..., :score_dims].to(device)
     run(eval_seqs, "overlap (held-out)")
     overlap = {r: [sum(s.overlaps[r]) / len(s.overlaps[r]) if s.overlaps[r] else float("nan") for s in stats]
                for r in RANKINGS}
@@ -268,11 +294,11 @@ def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose
     report = {"energy_25": energy(eigvals, r25).tolist(), "energy_125": energy(eigvals, r125).tolist(),
               "overlap": overlap["pre-rope"], "overlap_expected_rope": overlap["expected-rope"],
               "overlap_bucket_rope": overlap["bucket-rope"],
-              "rank_25": r25, "rank_125": r125, "score_dims": score_dims,
+              "rank_25": r25, "rank_125": r125, "score_dims": score_dims, "tp": tp,
               "sparsity": SPARSITY, "sink": SINK, "window": WINDOW,
               "eval_seqs": eval_seqs.shape[0], "eval_len": eval_seqs.shape[1],
               "poor_layers": [i for i, o in enumerate(overlap["pre-rope"]) if o < POOR_OVERLAP]}
-    return {"eigvals": eigvals, "eigvecs": eigvecs, "n_tokens": stats[0].n_tokens, "report": report}
+    return {"eigvals": eigvals, "eigvecs": eigvecs, "n_tokens": stats[0].n_tokens, "tp": tp, "report": report}
 
 
 def format_report(report: dict) -> str:
@@ -293,37 +319,57 @@ def format_report(report: dict) -> str:
                  f"{r['sink']} sinks + {r['window']} window + the latent top-k, relative to the oracle top-k "
                  f"by true attention, over the last quarter of {r['eval_seqs']} held-out sequences of "
                  f"{r['eval_len']} tokens.")
+    if r.get("tp", 1) > 1:
+        lines.append(f"tensor parallel over {r['tp']} ranks: ranks per rank (of its D/{r['tp']}-wide keys), energy "
+                     f"kept of the whole keys by the {r['tp']} blocks together; overlap with each rank choosing its "
+                     f"own tokens, relative to the layer's one oracle choice (can exceed 1).")
     return "\n".join(lines)
 
 
-def model_fingerprint(model: Transformer) -> dict:
-    a = model.args
+def model_fingerprint(model: Transformer, tp: int = 1) -> dict:
+    """Shapes and K projection norms (k_weight_norms(model, tp)); a sharded model (tp.shard_model) gives the
+    whole model's shapes and the norms of its own rank's rows."""
+    a = model.args if model.tp is None else model.tp.args
     return {"n_layer": a.n_layer, "n_kv_head": a.n_kv_head, "head_dim": a.head_dim, "dim": a.dim,
-            "vocab_size": a.vocab_size, "k_weight_norms": k_weight_norms(model)}
+            "vocab_size": a.vocab_size, "k_weight_norms": k_weight_norms(model, tp)}
+
+
+def max_rank(D: int) -> int:
+    """How many eigenvectors of D-wide keys a file keeps."""
+    return D if D <= 1024 else D // 2
+
+
+def default_path(checkpoint_dir, tp: int = 1) -> Path:
+    return Path(checkpoint_dir) / ("sals_calib.pt" if tp == 1 else f"sals_calib_tp{tp}.pt")
 
 
 def calibration_file(model: Transformer, result: dict, calibration: dict) -> dict:
     """The saved dict: "format"; "model": the fingerprint load_calibration checks (shapes and the norm
     of each layer's K projection, so a same-shaped but different model is refused); "calibration":
-    text hash, sequence count and length; "eigvecs": per layer (D, r_max) float32, columns sorted by
-    eigenvalue, descending (r_max = D up to D = 1024, else D/2); "eigvals": (L, D) float64; "report"."""
-    D = model.args.n_kv_head * model.args.head_dim
-    r_max = D if D <= 1024 else D // 2
-    return {"format": FORMAT, "model": model_fingerprint(model), "calibration": calibration,
-            "eigvecs": [v[:, :r_max].float().contiguous() for v in result["eigvecs"]],
+    text hash, sequence count and length; "tp": the number of tensor-parallel ranks it was made for; "eigvecs":
+    per layer (D, r_max) float32, columns sorted by eigenvalue, descending (r_max = max_rank(D)), or with tp > 1
+    (tp, D/tp, r_max) (r_max = max_rank(D/tp)), rank i's basis of its KV heads' keys; "eigvals": (L, D) float64,
+    or (L, tp, D/tp); "report"."""
+    tp = result["tp"]
+    r_max = max_rank(model.args.n_kv_head * model.args.head_dim // tp)
+    return {"format": FORMAT, "model": model_fingerprint(model, tp), "calibration": calibration, "tp": tp,
+            "eigvecs": [v[..., :r_max].float().contiguous() for v in result["eigvecs"]],
             "eigvals": result["eigvals"], "report": result["report"]}
 
 
-def recalibrate_hint(path: Path) -> str:
-    cmd = f"python calibrate.py --checkpoint {path.parent}"
-    return cmd if path.name == "sals_calib.pt" else f"{cmd} --output {path}"
+def recalibrate_hint(path: Path, tp: int = 1) -> str:
+    cmd = f"python calibrate.py --checkpoint {path.parent}" + (f" --tp {tp}" if tp > 1 else "")
+    return cmd if path.name == default_path(path.parent, tp).name else f"{cmd} --output {path}"
 
 
 def load_calibration(path, model: Transformer) -> dict:
     """Reads a calibration file and checks that it was made for this model (shapes and the K
-    projection weights); raises FileNotFoundError / ValueError saying what differs and how to fix it."""
+    projection weights) and for as many tensor-parallel ranks as the model is sharded over; raises
+    FileNotFoundError / ValueError saying what differs and how to fix it. For a sharded model, the
+    returned "eigvecs" and "eigvals" are its own rank's: [(D/N, r_max)] and (L, D/N)."""
     path = Path(path)
-    hint = recalibrate_hint(path)
+    rank, world = (0, 1) if model.tp is None else (model.tp.rank, model.tp.world)
+    hint = recalibrate_hint(path, world)
     if not path.is_file():
         raise FileNotFoundError(f"no SALS calibration file at {path}: calibrate the model once with `{hint}` "
                                 f"(a few minutes on CPU for SmolLM2).")
@@ -336,11 +382,16 @@ def load_calibration(path, model: Transformer) -> dict:
         found = calib.get("format") if isinstance(calib, dict) else type(calib).__name__
         raise ValueError(f"{path} is not a SALS calibration file (format {found!r}, expected {FORMAT!r}); "
                          f"recreate it with `{hint}`.")
+    if calib.get("tp", 1) != world:
+        raise ValueError(f"{path} was made for tensor parallelism over {calib.get('tp', 1)} rank(s), but the model "
+                         f"runs over {world}: each rank needs a basis of its own KV heads; make one with `{hint}`.")
     ours, theirs = model_fingerprint(model), calib.get("model", {})
     diffs = [f"{k} {theirs.get(k)} in the file, {ours[k]} in the model"
              for k in ("n_layer", "n_kv_head", "head_dim", "dim", "vocab_size") if theirs.get(k) != ours[k]]
     if not diffs:
         norms = theirs.get("k_weight_norms") or []
+        if world > 1:  # one norm per rank and layer: this rank's are those of the rows it holds
+            norms = [n[rank] for n in norms if isinstance(n, list) and len(n) == world]
         off = [i for i, (x, y) in enumerate(zip(norms, ours["k_weight_norms"])) if abs(x - y) > 1e-2 * abs(y)]
         if len(norms) != len(ours["k_weight_norms"]) or off:
             diffs.append(f"K projection weights differ (layers {off[:8]}...)" if off else
@@ -348,14 +399,15 @@ def load_calibration(path, model: Transformer) -> dict:
     if diffs:
         raise ValueError(f"{path} was made for another model: {'; '.join(diffs)}. Recalibrate with `{hint}`.")
     L, D = ours["n_layer"], ours["n_kv_head"] * ours["head_dim"]
-    r_max = D if D <= 1024 else D // 2
+    r_max = max_rank(D // world)
+    vec_shape, val_shape = ((D, r_max), (L, D)) if world == 1 else ((world, D // world, r_max), (L, world, D // world))
     vecs, vals = calib.get("eigvecs"), calib.get("eigvals")
-    if not (isinstance(vecs, list) and len(vecs) == L and all(isinstance(v, Tensor) and v.shape == (D, r_max)
+    if not (isinstance(vecs, list) and len(vecs) == L and all(isinstance(v, Tensor) and v.shape == vec_shape
                                                                for v in vecs)
-            and isinstance(vals, Tensor) and vals.shape == (L, D)):
-        raise ValueError(f"{path} is corrupt: expected {L} eigenvector tensors of shape ({D}, {r_max}) and "
-                         f"eigenvalues of shape ({L}, {D}); recreate it with `{hint}`.")
-    return calib
+            and isinstance(vals, Tensor) and vals.shape == val_shape):
+        raise ValueError(f"{path} is corrupt: expected {L} eigenvector tensors of shape {vec_shape} and "
+                         f"eigenvalues of shape {val_shape}; recreate it with `{hint}`.")
+    return calib if world == 1 else dict(calib, eigvecs=[v[rank] for v in vecs], eigvals=vals[:, rank])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,10 +424,12 @@ def parse_args(argv=None):
                    help=f"held-out sequences (of max(seq_len, {MIN_EVAL_LEN}) tokens) for the overlap score")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--output", type=Path, help="default: <checkpoint>/sals_calib.pt")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks the bases are for (tp.py): one basis per rank's KV heads")
+    p.add_argument("--output", type=Path, help="default: <checkpoint>/sals_calib.pt, or sals_calib_tpN.pt with --tp N")
     a = p.parse_args(argv)
-    if a.n_seqs < 1 or a.seq_len < 1 or a.n_eval_seqs < 0:
-        p.error("--n_seqs and --seq_len must be positive, --n_eval_seqs non-negative.")
+    if a.n_seqs < 1 or a.seq_len < 1 or a.n_eval_seqs < 0 or a.tp < 1:
+        p.error("--n_seqs, --seq_len and --tp must be positive, --n_eval_seqs non-negative.")
     return a
 
 
@@ -386,13 +440,14 @@ def main(argv=None) -> int:
             from convert_hf_checkpoint import ensure_default_checkpoint
             a.checkpoint = ensure_default_checkpoint()
         from tokenizer import load_tokenizer
-        output = a.output or Path(a.checkpoint) / "sals_calib.pt"
+        output = a.output or default_path(a.checkpoint, a.tp)
         if a.output and not output.parent.is_dir():
             raise FileNotFoundError(f"--output {output}: folder {output.parent} does not exist.")
         t0 = time.perf_counter()
         dtype = DTYPES[a.dtype] if a.dtype else default_dtype(a.device)
         docs = read_texts(a.text)
         model = load_model(a.checkpoint, a.device, dtype)
+        check_tp_size(model.args, a.tp)
         text = "\n\n".join(docs)
         tokenizer = load_tokenizer(a.checkpoint)
         tokens = torch.tensor(tokenizer.encode(text), dtype=torch.long)
@@ -409,8 +464,9 @@ def main(argv=None) -> int:
     calib_seqs = cut_sequences(tokens, 0, n_seqs, seq_len, bos)
     eval_seqs = cut_sequences(tokens, n_seqs * (seq_len - len(bos)), n_eval, eval_len, bos)
     print(f"calibrating {a.checkpoint} on {n_seqs} x {seq_len} tokens ({len(tokens)} in {len(docs)} "
-          f"document(s)), overlap on {n_eval} x {eval_len} held-out tokens, {a.device} {dtype}", file=sys.stderr)
-    result = calibrate(model, calib_seqs, eval_seqs)
+          f"document(s)), overlap on {n_eval} x {eval_len} held-out tokens, {a.device} {dtype}"
+          + (f", one basis per rank of {a.tp}" if a.tp > 1 else ""), file=sys.stderr)
+    result = calibrate(model, calib_seqs, eval_seqs, tp=a.tp)
     result["report"]["seconds"] = time.perf_counter() - t0
     result["report"]["table"] = format_report(result["report"])
     calibration = {"text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_seqs": n_seqs,

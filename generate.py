@@ -4,6 +4,9 @@
 
 Prompts of different lengths share one batch: each is prefilled into its own cache row, then all
 rows decode together, each at its own position, each stopping at its own end-of-sequence token.
+Started by torchrun, each process holds one slice of the model (tensor parallelism, tp.py) and only rank 0 prints:
+
+    torchrun --standalone --nproc_per_node 2 generate.py --prompt "The capital of France is" --tp 2
 """
 import argparse
 import re
@@ -39,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel ranks, checked against torchrun's process count (tp.py; default: that count)")
     s = p.add_argument_group("SALS compressed KV cache (see docs/sals.md)")
     s.add_argument("--sals", type=float, choices=[0.25, 0.125], default=None,
                    help="preset: latent rank D/4 with 4-bit values, or D/8 with 2-bit values; sparsity 1/8, "
@@ -69,6 +74,8 @@ def parse_args(argv=None):
         problems.append("--batch_size must be at least 1")
     if args.num_samples < 1:
         problems.append("--num_samples must be at least 1")
+    if args.tp is not None and args.tp < 1:
+        problems.append("--tp must be at least 1")
     if args.temperature < 0:
         problems.append("--temperature must be >= 0 (0 means greedy)")
     if args.top_k is not None and args.top_k < 1:
@@ -100,6 +107,7 @@ from torch import Tensor  # noqa: E402
 
 from model import DTYPES, ModelArgs, Transformer, default_dtype, load_model  # noqa: E402
 from sals_attention import SALSConfig  # noqa: E402
+from tp import init_distributed, load_sharded, rank_zero_first  # noqa: E402
 
 PREFILL_CHUNK = 2048  # long prompts are prefilled in chunks: attention memory stays linear
 
@@ -282,6 +290,9 @@ def report(stats: dict, model: Transformer, device) -> str:
     dense = 2 * a.n_layer * B * a.n_kv_head * model.max_seq_length * a.head_dim * model.output.weight.element_size()
     lines.append(f"KV cache allocated: {model.kv_cache_bytes() / 2**20:.1f} MiB, {model.kv_cache_bytes() / dense:.3f} "
                  f"of a dense cache at the same batch ({B}) and length ({model.max_seq_length})")
+    if model.tp is not None:
+        lines.append(f"tensor parallel over {model.tp.world} ranks: weights, KV cache, bandwidth and memory are one "
+                     f"rank's")
     if torch.device(device).type == "cuda":
         lines.append(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
     else:
@@ -291,18 +302,21 @@ def report(stats: dict, model: Transformer, device) -> str:
 
 def sals_setup(args, model: Transformer, default_model: bool):
     """setup_caches(B, S) for --sals: SALS caches built from the checkpoint's calibration."""
-    from calibrate import load_calibration
+    from calibrate import default_path, load_calibration
     from sals_attention import setup_sals
     names = ("sparsity", "rank", "score_dims", "value_bits", "sink", "window", "dense_layers", "ranking", "selection")
     overrides = {n: getattr(args, "sals_" + n) for n in names if getattr(args, "sals_" + n) is not None}
     cfg = SALSConfig.preset(args.sals, **overrides)
-    path = args.sals_calib or args.checkpoint / "sals_calib.pt"
-    if not path.exists() and default_model and args.sals_calib is None:
-        import calibrate
-        print(f"no calibration at {path}: calibrating the default model once (a few minutes on CPU)",
-              file=sys.stderr)
-        if calibrate.main(["--checkpoint", str(args.checkpoint), "--device", str(args.device)]) != 0:
-            raise ValueError("calibration of the default model failed (see above).")
+    world = 1 if model.tp is None else model.tp.world
+    path = args.sals_calib or default_path(args.checkpoint, world)
+    with rank_zero_first():  # under tensor parallelism, rank 0 calibrates and the others read its file
+        if not path.exists() and default_model and args.sals_calib is None:
+            import calibrate
+            print(f"no calibration at {path}: calibrating the default model once (a few minutes on CPU)",
+                  file=sys.stderr)
+            tp = ["--tp", str(world)] if world > 1 else []
+            if calibrate.main(["--checkpoint", str(args.checkpoint), "--device", str(model.output.weight.device)] + tp):
+                raise ValueError("calibration of the default model failed (see above).")
     calib = load_calibration(path, model)
     resolved = setup_sals(model, 1, 1, cfg, calib)  # validates the config now, before any prompt runs
     print(f"SALS: rank {resolved.rank}, score dims {resolved.score_dims}, {resolved.value_bits}-bit values, "
@@ -388,14 +402,17 @@ def main(argv=None):
     args = parse_args(argv)
     resolve_device(args)
     from tokenizer import load_tokenizer
+    rank, world, device = init_distributed(torch.device(args.device), args.tp)
     default_model = args.checkpoint is None
     if default_model:
         from convert_hf_checkpoint import ensure_default_checkpoint
-        args.checkpoint = ensure_default_checkpoint()
+        with rank_zero_first():  # one download and conversion under torchrun
+            args.checkpoint = ensure_default_checkpoint()
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
     t = time.perf_counter()
-    model = load_model(args.checkpoint, device, DTYPES[args.dtype] if args.dtype else default_dtype(device))
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    model = load_model(args.checkpoint, device, dtype) if world == 1 else load_sharded(args.checkpoint, rank, world,
+                                                                                      device, dtype)
     tokenizer = load_tokenizer(args.checkpoint)
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 

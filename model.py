@@ -323,6 +323,7 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = self.max_seq_length = -1
+        self.tp = None  # tp.TPInfo once tp.shard_model keeps one rank's slice; args are then that rank's
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, make_cache=None):
         """Allocates the static caches. make_cache(layer_id, args, B, S, dtype) -> cache module;

@@ -11,9 +11,13 @@ orthonormal basis per layer instead of a calibration and a full window ring, so 
 its whole budget. `--graph` captures the eager step in one CUDA graph (seconds to set up; `--compile`
 takes minutes per shape and batch on a 7B model). `--max_batch` finds, for each prompt and method,
 the largest batch whose weights, caches and decode step fit on the GPU, and times that batch.
+
+Started by torchrun, each process holds one tensor-parallel slice of the model (tp.py; the shape cell then reads
+"mistral-7b (tp 4)", and memory, KV and bandwidth columns are one rank's); only rank 0 prints (bench/gpu_tp.sh).
 """
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ from generate import compiled_decode, cuda_graph, decode_one_token, kv_bytes_per
 import model as model_module  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from sals_attention import SALSCache, SALSConfig, setup_sals  # noqa: E402
+from tp import init_distributed, shard_model  # noqa: E402
 
 SHAPES = {  # Hugging Face config.json fields of each model
     "llama-2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -40,10 +45,13 @@ WARMUP = 3  # untimed steps before the timed runs (the first compiles or capture
 METHODS = {"dense": None, "sals-25": 0.25, "sals-12.5": 0.125}  # name -> SALSConfig.preset fraction
 
 
-def random_model(shape: str, device, dtype) -> Transformer:
+def random_model(shape: str, device, dtype, rank: int = 0, world: int = 1) -> Transformer:
+    """Random weights of a named shape; world > 1: only rank's tensor-parallel slice is ever allocated."""
     cfg = dict(SHAPES[shape], model_type="llama", max_position_embeddings=1 << 20)
     with torch.device("meta"):
         model = Transformer(ModelArgs.from_config(cfg))
+    if world > 1:
+        shard_model(model, rank, world)
     model = model.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
@@ -277,6 +285,9 @@ def parse_args(argv=None):
     problems = [f"--{name} must be at least 1 (got {min(v)})" for name, v in given.items() if min(v) < 1]
     if args.max_batch and args.batch:
         problems.append("--max_batch searches the batch itself: leave out --batch")
+    if args.max_batch and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        problems.append("--max_batch is single-GPU only: under torchrun a rank out of memory alone would leave the "
+                        "others waiting in an all-reduce; time fixed --batch sizes")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {args.device}: no CUDA GPU is available; use --device cpu")
     if problems:
@@ -288,7 +299,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    rank, world, device = init_distributed(torch.device(args.device))
+    dtype = getattr(torch, args.dtype)
     if args.attn == "matmul":
         model_module.attend = attend_matmul
     make_decode, mode = (lambda: decode_one_token), "eager"  # make_decode() -> a decode_fn for one cache allocation
@@ -301,8 +313,9 @@ def main(argv=None):
 
     torch.manual_seed(0)
     results = []
-    for shape in args.shape:
-        model = random_model(shape, device, dtype)
+    labels = [shape if world == 1 else f"{shape} (tp {world})" for shape in args.shape]
+    for shape, label in zip(args.shape, labels):
+        model = random_model(shape, device, dtype, rank, world)
         release_memory()  # the float32 copies of the weights that random_model cast
         make = compiled_decode(model) if args.compile else make_decode
         for method in args.method:
@@ -311,16 +324,17 @@ def main(argv=None):
                 batches = [search_batch(model, setup, prompt, args, make)] if args.max_batch else args.batch
                 for batch in batches:
                     m = measure(model, setup, batch, prompt, args.steps, make) if batch else None
-                    results.append(dict(shape=shape, prompt=prompt, method=method, batch=batch,
+                    results.append(dict(shape=label, prompt=prompt, method=method, batch=batch,
                                         largest=args.max_batch, **(m or dict(step=None))))
                     print(format_row(results[-1], results), flush=True)
             del setup
         del model
         release_memory()
-    order = lambda r: (args.shape.index(r["shape"]), r["prompt"], 0 if r["largest"] else r["batch"],  # noqa: E731
+    order = lambda r: (labels.index(r["shape"]), r["prompt"], 0 if r["largest"] else r["batch"],  # noqa: E731
                        args.method.index(r["method"]))
     print(f"\n{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"{mode}, attention={args.attn}, {args.steps} steps, median of 3 runs")
+          f"{mode}, attention={args.attn}, {args.steps} steps, median of 3 runs"
+          + (f", tensor parallel over {world} ranks (KV, bandwidth, memory: one rank's)" if world > 1 else ""))
     print(HEADER)
     print("\n".join(format_row(r, results) for r in sorted(results, key=order)))
 

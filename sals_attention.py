@@ -31,6 +31,9 @@ RANKINGS = ("pre-rope", "expected-rope", "bucket-rope")
 # head by its own latent query (its G query heads), because on SmolLM2 one shared set loses the few retrieval heads'
 # tokens (EVAL.md sections 5-6).
 SELECTIONS = ("layer", "kv-head")
+# The proportional budget alone attends only the sinks and the window below (sink + window) / sparsity tokens (640 at
+# the defaults): a streaming cache on short prompts, which then miss what dense attention finds (EVAL.md).
+MIN_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class SALSConfig:
     score_dims: int | None = None  # r*, latent coordinates used for ranking; default r // 2
     value_bits: int = 4  # 2, 4, or 16 (values stored unquantized in the model dtype)
     sparsity: float = 1 / 8  # attended share of the context, sinks and window included
+    min_tokens: int = MIN_TOKENS  # below this many cached tokens every one is attended (see budget)
+    budget_tokens: int | None = None  # N_c: a fixed number of attended tokens instead of sparsity * context
     sink: int = 16
     window: int = 64
     dense_layers: tuple[int, ...] | None = None  # layers keeping a dense KVCache; None: (0, 1, L-1)
@@ -76,6 +81,10 @@ class SALSConfig:
               f"{self.value_bits}-bit values are quantized in groups of {GROUP} channels, but head_dim "
               f"{args.head_dim} is not a multiple of {GROUP}; use value_bits=16.")
         check(0 < self.sparsity <= 1, f"sparsity {self.sparsity} is not in (0, 1].")
+        check(self.min_tokens >= 0, f"min_tokens {self.min_tokens} is negative (0 turns the minimum off).")
+        check(self.budget_tokens is None or self.budget_tokens >= self.sink + self.window,
+              f"budget_tokens {self.budget_tokens} is below sinks + window ({self.sink} + {self.window}), which are "
+              f"always attended; raise it or use the proportional budget (budget_tokens=None).")
         check(self.sink >= 0 and self.window >= 1, f"need sink >= 0 and window >= 1 (got sink {self.sink}, "
                                                    f"window {self.window}).")
         dense = self.dense_layers if self.dense_layers is not None else {0, 1, L - 1} & set(range(L))
@@ -170,19 +179,29 @@ def dequantize_values(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, dt
     return (q.float() * scale.float()[..., None] + zero.float()[..., None]).flatten(-2).to(dtype)
 
 
-def budget(input_pos: Tensor, sparsity: float, sink: int, window: int) -> Tensor:
-    """(b, 1) how many compressed tokens each row attends at input_pos (b, 1): floor(sparsity * (pos+1)) - sink -
-    window, so that sinks, window and selection together fill the budget (<= 0: none)."""
-    return torch.floor((input_pos + 1).double() * sparsity).long() - sink - window
+def budget(input_pos: Tensor, cfg: SALSConfig) -> Tensor:
+    """How many compressed tokens a step at input_pos (any shape, int) attends, same shape (<= 0: none):
+    n_total(pos) - sink - window, where n_total, the tokens attended in all (sinks + window + selected), is
+    max(floor(sparsity * (pos+1)), min(min_tokens, pos+1)), or with budget_tokens = N_c, max(min(N_c, pos+1),
+    min(min_tokens, pos+1)). Below min_tokens every cached token is attended (the selection takes all candidates,
+    from the compressed cache). Nondecreasing in pos, so the last position of a cache has the largest budget.
+    The one definition of the budget: the reference step and the GPU kernels read it through SALSCache.n_attend."""
+    n = input_pos.long() + 1
+    base = (torch.floor(n.double() * cfg.sparsity).long() if cfg.budget_tokens is None
+            else torch.full_like(n, cfg.budget_tokens))
+    return torch.minimum(base.clamp(min=cfg.min_tokens), n) - cfg.sink - cfg.window
 
 
-def top_within_budget(s: Tensor, input_pos: Tensor, k: int, sparsity: float, sink: int,
-                      window: int) -> tuple[Tensor, Tensor]:
+def top_k_width(cfg: SALSConfig, max_seq_length: int) -> int:
+    """k_max, the static top-k width: the largest budget of any position of a cache of max_seq_length tokens."""
+    return max(0, int(budget(torch.tensor(max_seq_length - 1, device="cpu"), cfg)))
+
+
+def top_within_budget(s: Tensor, n_b: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Positions (b, ..., k) of the top k scores s (b, ..., S) (-inf outside the candidates), and which of them
-    are attended: the first budget(...) of each row (input_pos (b, 1))."""
+    are attended: the first n_b of each row (n_b (b, 1), budget() at each row's position)."""
     top, idx = s.topk(k, dim=-1)
-    n_b = budget(input_pos, sparsity, sink, window)
-    n_b = n_b.view(n_b.shape[0], *(1,) * (s.dim() - 1))
+    n_b = n_b.reshape(n_b.shape[0], *(1,) * (s.dim() - 1))
     return idx, (torch.arange(k, device=s.device) < n_b) & (top > -math.inf)
 
 
@@ -205,7 +224,7 @@ class SALSCache(nn.Module):
     also kept at full precision, post-RoPE, while in the window ring (slot (pos - sink) % window).
     rope: the model's (cos, sin) table (S, Dh/2, 2) float32 (model.rope_table), read by the fused kernel and held
     by reference, not as a buffer: setup_sals hands every layer the one table of the model; None builds one
-    (standalone caches). It must be on the device the step runs on; the reference path does not use it."""
+    (standalone caches). It must be on the device the step runs on (both paths rotate the selected keys with it)."""
 
     def __init__(self, cfg: SALSConfig, args: ModelArgs, batch_size: int, max_seq_length: int, U: Tensor,
                  rope: Tensor | None = None):
@@ -225,13 +244,13 @@ class SALSCache(nn.Module):
         if self.rope.shape[0] < S or self.rope.shape[1:] != (Dh // 2, 2) or self.rope.dtype != torch.float32:
             raise ValueError(f"rope has shape {tuple(self.rope.shape)} {self.rope.dtype}, expected the model's table "
                              f"({S} or more, {Dh // 2}, 2) float32 (model.rope_table).")
-        self.k_max = max(0, math.ceil(cfg.sparsity * S) - cfg.sink - cfg.window)  # static top-k width
+        self.k_max = top_k_width(cfg, S)
         dt, sdt = U.dtype, scale_dtype(U.dtype)
         q_width = Dh if cfg.value_bits == 16 else Dh * cfg.value_bits // 8
         full = lambda n: torch.zeros(B, n, Hkv, Dh, dtype=dt)  # noqa: E731
         buffers = {
             "U": U.contiguous(),  # (D, r) row-major: the fused kernel loads tiles of U's rows
-            "inv_freq": rope_frequencies(args),  # (Dh/2,) float64: the reference's angles, bit for bit the table's
+            "inv_freq": rope_frequencies(args),  # (Dh/2,) float64: for the rankings' mean rotations
             "k_lat_score": torch.zeros(B, S, rs, dtype=dt),  # latent prefix read by the ranking
             "k_lat_rest": torch.zeros(B, S, r - rs, dtype=dt),
             "v_q": torch.zeros(B, S, Hkv, q_width, dtype=dt if cfg.value_bits == 16 else torch.uint8),
@@ -241,7 +260,7 @@ class SALSCache(nn.Module):
             "win_k": full(cfg.window), "win_v": full(cfg.window),  # post-RoPE ring
             "window_pos": torch.full((B, cfg.window), -1, dtype=torch.int32),  # position in each slot, -1 empty
             # budget() of every position, looked up by the fused step: one gather instead of ~7 tiny float64 kernels
-            "n_attend": budget(torch.arange(S)[:, None], cfg.sparsity, cfg.sink, cfg.window)[:, 0].int(),
+            "n_attend": budget(torch.arange(S), cfg).int(),
             "k_full": full(S) if self.oracle else None,  # oracle only: exact post-RoPE keys for the ranking
         }
         for name, t in buffers.items():
@@ -297,12 +316,15 @@ class SALSCache(nn.Module):
         from kernels.compress import compress_decode
         from kernels.latent_score import latent_scores
         from kernels.sals_decode import fused_decode
-        if self.rope.device != q.device:
-            raise ValueError(f"the RoPE table is on {self.rope.device} but the step runs on {q.device}: build the "
-                             f"cache with rope=<the model's table on that device> (setup_sals does).")
+        self.check_rope(q.device)
         compress_decode(self, k, k_rope, v, input_pos)
         s = latent_scores(self.k_lat_score, self.latent_query(q, input_pos), input_pos, self.n_sink, self.window)
         return fused_decode(self, q, input_pos, *self.top_fused(s, input_pos))  # q rotated in the kernel
+
+    def check_rope(self, device: torch.device):
+        if self.rope.device != device:
+            raise ValueError(f"the RoPE table is on {self.rope.device} but the step runs on {device}: build the "
+                             f"cache with rope=<the model's table on that device> (setup_sals does).")
 
     def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
         """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];
@@ -336,8 +358,8 @@ class SALSCache(nn.Module):
         q_lat = self.latent_query(q, input_pos)  # (b, [n_buckets,] [Hkv,] r*)
         # at least float32, as the scoring kernel: 16-bit scores tie often, and ties rank in no defined order
         wide = torch.promote_types(k_lat.dtype, torch.float32)
-        s = k_lat.to(wide)[:, None] @ q_lat.to(wide).reshape(len(k_lat), -1, self.rs, 1)  # (b, [n_buckets*][Hkv], S, 1)
-        s = s.view(*q_lat.shape[:-1], -1)
+        q_all = q_lat.to(wide).reshape(len(k_lat), -1, self.rs)  # (b, [n_buckets*][Hkv], r*)
+        s = (q_all @ k_lat.to(wide).transpose(1, 2)).view(*q_lat.shape[:-1], -1)  # k_lat read once for all queries
         if self.n_buckets > 1:  # each position scored by the query of its distance's bucket
             bucket = distance_bucket(input_pos - torch.arange(s.shape[-1], device=s.device), self.window,
                                      self.n_buckets)  # (b, S)
@@ -346,7 +368,7 @@ class SALSCache(nn.Module):
 
     def select(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 4: positions (b, k_max) of the top compressed tokens sink <= j <= pos - window, and which of
-        them are attended (b, k_max): the first floor(sparsity * (pos+1)) - sink - window of each row.
+        them are attended (b, k_max): the first budget() of each row.
         kv-head selection: (b, Hkv, k_max), each KV head's own top tokens within the same budget."""
         s = self.scores(q, q_rope, input_pos, rows)  # (b, [Hkv,] S)
         j = torch.arange(s.shape[-1], device=s.device)
@@ -354,8 +376,9 @@ class SALSCache(nn.Module):
         return self.top(s.masked_fill((j < self.n_sink) | (j > pos - self.window), -math.inf), input_pos)
 
     def top(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Top k_max of scores s (b, [Hkv,] S) (-inf outside the candidates) and which are within each row's budget."""
-        return top_within_budget(s, input_pos, self.k_max, self.sparsity, self.n_sink, self.window)
+        """Top k_max of scores s (b, [Hkv,] S) (-inf outside the candidates) and which are within each row's budget
+        (the n_attend table, as the fused step)."""
+        return top_within_budget(s, self.n_attend[input_pos[:, 0]][:, None], self.k_max)
 
     def top_fused(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """self.top for the fused step, scores s (b, S): the radix-select kernel, the same set without a sort."""
@@ -370,8 +393,8 @@ class SALSCache(nn.Module):
         bi = b[:, None, None]
         lat = torch.cat([self.k_lat_score[bi, idx], self.k_lat_rest[bi, idx]], -1)  # (n, 1 or Hkv, k, r)
         k = lat @ self.U.unflatten(0, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
-        angles = idx[..., None].double() * self.inv_freq  # (n, 1 or Hkv, k, Dh/2), the same products as rope_table
-        return apply_rope(k, torch.stack([angles.cos(), angles.sin()], -1).float()).transpose(1, 2)
+        self.check_rope(idx.device)
+        return apply_rope(k, self.rope[idx]).transpose(1, 2)  # the table's rows: (n, 1 or Hkv, k, Dh/2, 2)
 
     def values(self, b: Tensor, idx: Tensor) -> Tensor:
         """Values (n, k, Hkv, Dh) of positions idx (n, k) of rows b; idx (n, Hkv, k): head h's values of its own."""

@@ -78,7 +78,7 @@ CASES = [
 def check_decode_kernels_float32(n_head, n_kv_head, head_dim, kw):
     """Rows at different lengths: a full budget, a partial one, and one with no selected token at all."""
     cache, *step = random_cache(3, 256, n_head, n_kv_head, head_dim, pos=[255, 150, 60], dtype=torch.float32,
-                                seed=n_head + head_dim, sink=4, window=8, sparsity=0.25, **kw)
+                                seed=n_head + head_dim, sink=4, window=8, sparsity=0.25, min_tokens=0, **kw)
     err = kernel_errors(cache, *step)
     assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["scores"] < 1e-5 and err["attention"] < 1e-5, err
 
@@ -88,7 +88,7 @@ def check_decode_kernels_float16():
     them too, but at different points (2e-3: two half-precision ulps; 3e-4 measured). float16, not bfloat16:
     Triton's interpreter holds bfloat16 as raw integers and adds them as such (gpu_sals.sh checks bf16 on a GPU)."""
     cache, *step = random_cache(2, 200, 8, 2, 64, pos=[199, 120], dtype=torch.float16, seed=5, sink=4, window=8,
-                                sparsity=0.25, rank_fraction=0.25, value_bits=4)
+                                sparsity=0.25, min_tokens=0, rank_fraction=0.25, value_bits=4)
     err = kernel_errors(cache, *step)
     assert err["selected"] == (50 - 12) + (30 - 12) and err["scores"] < 1e-5 and err["attention"] < 2e-3, err
 
@@ -97,7 +97,7 @@ def check_decode_kernel_rotates_far_positions_exactly():
     """Keys selected near position 32K: RoPE angles as float32 products pos * inv_freq would be off by up to
     ~2e-3 rad there (a relative error of ~1e-3 in the output); the kernel reads the table's float64-made rows."""
     cache, *step = random_cache(1, 33000, 1, 1, 64, dtype=torch.float32, seed=9, sink=4, window=8,
-                                sparsity=1 / 256, rank_fraction=0.25, value_bits=16)
+                                sparsity=1 / 256, min_tokens=0, rank_fraction=0.25, value_bits=16)
     err = kernel_errors(cache, *step)
     assert err["selected"] == 128 - 12 and err["attention"] < 1e-5, err
 
@@ -118,7 +118,7 @@ def check_decode_kernel_launch_variants(cfg, n_head, n_kv_head):
     from kernels import sals_decode
     cfg = dict(cfg, num_warps=1, num_stages=1)
     cache, *step = random_cache(3, 256, n_head, n_kv_head, 64, pos=[255, 150, 60], dtype=torch.float32, seed=n_head,
-                                sink=4, window=8, sparsity=0.25, rank=40, score_dims=24, value_bits=4)
+                                sink=4, window=8, sparsity=0.25, min_tokens=0, rank=40, score_dims=24, value_bits=4)
     programs = 3 * n_kv_head // sals_decode.heads_per_program(n_kv_head, cfg)
     n_split = 1 + sals_decode.split_count(cache.k_max, programs, cfg)
     err = kernel_errors(cache, *step, cfg=cfg, n_split=n_split)
@@ -155,7 +155,9 @@ def check_dispatched_decode_equals_reference_model():
     model = Transformer(args).eval()
     gen = torch.Generator().manual_seed(1)
     calib = {"eigvecs": [torch.linalg.qr(torch.randn(128, 128, generator=gen))[0] for _ in range(3)]}
-    cfg = SALSConfig(rank_fraction=0.25, value_bits=4, sparsity=0.25, sink=4, window=8, dense_layers=(0,))
+    # min_tokens 40: the 9-token row attends everything, the others 40 tokens, then a quarter (the budget's regimes)
+    cfg = SALSConfig(rank_fraction=0.25, value_bits=4, sparsity=0.25, sink=4, window=8, dense_layers=(0,),
+                     min_tokens=40)
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (70, 41, 9)]
     steps = torch.randint(0, 97, (3, 5), generator=gen)
     calls = []

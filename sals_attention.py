@@ -26,7 +26,9 @@ FUSED = None  # decode with the Triton kernels of kernels/: None = on CUDA tenso
 # q.k with q rotated by RoPE's rotation averaged over the candidates' distances; "bucket-rope" the same average taken
 # per distance bucket [W 2^i, W 2^(i+1)) (W the window), each token ranked by its bucket's query: a narrower range of
 # distances damps fewer RoPE frequencies (EVAL.md section 7). Both are bucket_rotations, with one bucket or several.
-RANKINGS = ("pre-rope", "expected-rope", "bucket-rope")
+# "hybrid": half of the selection by pre-rope (what a token says, at any distance: retrieval), the other half by
+# bucket-rope among the tokens left (where attention goes: perplexity); on SmolLM2 each wins one of the two.
+RANKINGS = ("pre-rope", "expected-rope", "bucket-rope", "hybrid")
 # Who chooses the attended tokens: "layer" one ranking per layer, shared by its heads (the paper); "kv-head" each KV
 # head by its own latent query (its G query heads), because on SmolLM2 one shared set loses the few retrieval heads'
 # tokens (EVAL.md sections 5-6).
@@ -114,7 +116,7 @@ def mean_rotation(inv_freq: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 def n_buckets(ranking: str, window: int, max_seq_length: int) -> int:
     """How many distance buckets [window 2^i, window 2^(i+1)) a ranking averages RoPE's rotation over in a cache of
     max_seq_length positions: 0 for "pre-rope" (no rotation), 1 for "expected-rope" (all candidates at once)."""
-    if ranking == "bucket-rope":
+    if ranking in ("bucket-rope", "hybrid"):
         return max(1, math.ceil(math.log2(max(max_seq_length, 2 * window) / window)))
     return int(ranking == "expected-rope")
 
@@ -294,7 +296,7 @@ class SALSCache(nn.Module):
             y = self.prefill(apply_rope(q, rope), k_rope, v, input_pos, b)
             self.write(b, k, k_rope, v, input_pos)
             return y
-        if rows is None and not (self.oracle or self.per_head or self.n_buckets > 1) and (
+        if rows is None and not (self.oracle or self.per_head or self.n_buckets > 1 or self.ranking == "hybrid") and (
                 q.is_cuda if FUSED is None else FUSED):
             return self.fused_decode(q, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
         q_rope = apply_rope(q, rope)
@@ -330,14 +332,18 @@ class SALSCache(nn.Module):
         """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];
         "expected-rope" ranking rotates the sums by bucket_rotations' one bucket first (the same map for every head,
         so rotating the sum equals summing the rotated heads); "bucket-rope" by each distance bucket's rotation, one
-        query per bucket: (b, n_buckets, r*). q (b, H, 1, Dh), input_pos (b, 1).
+        query per bucket: (b, n_buckets, r*); "hybrid" the bucket ones, then the pre-RoPE one: (b, n_buckets + 1, r*).
+        q (b, H, 1, Dh), input_pos (b, 1).
         kv-head selection: (b, [n_buckets,] Hkv, r*), KV head h's sum alone, placed in its rows,
         q_sum_h @ U[h*Dh:(h+1)*Dh, :r*] (the layer's query is the sum of these over h)."""
         q_sum = q[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
         if self.n_buckets:
             rot = bucket_rotations(self.inv_freq, input_pos, self.n_sink, self.window, self.n_buckets)
-            q_sum = apply_rope(q_sum[:, None], rot[:, :, None])  # (b, n_buckets, Hkv, Dh)
-            q_sum = q_sum if self.n_buckets > 1 else q_sum[:, 0]
+            q_rot = apply_rope(q_sum[:, None], rot[:, :, None])  # (b, n_buckets, Hkv, Dh)
+            if self.ranking == "hybrid":
+                q_sum = torch.cat([q_rot, q_sum[:, None]], 1)  # (b, n_buckets + 1, Hkv, Dh)
+            else:
+                q_sum = q_rot if self.n_buckets > 1 else q_rot[:, 0]
         if self.per_head:
             U_h = self.U[:, :self.rs].unflatten(0, (self.n_kv_head, self.head_dim))  # (Hkv, Dh, r*)
             return (q_sum[..., None, :] @ U_h)[..., 0, :]
@@ -348,8 +354,9 @@ class SALSCache(nn.Module):
         with kv-head selection.
         Latent: q_lat = latent_query(q, input_pos); with "pre-rope" ranking, q_lat . k_lat_j is exactly the sum
         over heads of the pre-RoPE q.k when r* = D, with "expected-rope" the mean of the post-RoPE one over the
-        candidates' distances, with "bucket-rope" over the candidates' distances in j's distance bucket; oracle: the
-        sum over heads of the true post-RoPE q.k."""
+        candidates' distances, with "bucket-rope" over the candidates' distances in j's distance bucket; "hybrid":
+        (b, 2, [Hkv,] S), the pre-rope and the bucket-rope scores; oracle: the sum over heads of the true post-RoPE
+        q.k."""
         if self.oracle:
             k_full = self.k_full if rows is None else self.k_full[rows]
             q_sum = q_rope[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
@@ -360,25 +367,38 @@ class SALSCache(nn.Module):
         wide = torch.promote_types(k_lat.dtype, torch.float32)
         q_all = q_lat.to(wide).reshape(len(k_lat), -1, self.rs)  # (b, [n_buckets*][Hkv], r*)
         s = (q_all @ k_lat.to(wide).transpose(1, 2)).view(*q_lat.shape[:-1], -1)  # k_lat read once for all queries
-        if self.n_buckets > 1:  # each position scored by the query of its distance's bucket
+        hybrid = self.ranking == "hybrid"
+        s, pre = (s[:, :-1], s[:, -1]) if hybrid else (s, None)
+        if self.n_buckets > 1 or hybrid:  # each position scored by the query of its distance's bucket
             bucket = distance_bucket(input_pos - torch.arange(s.shape[-1], device=s.device), self.window,
                                      self.n_buckets)  # (b, S)
             s = s.gather(1, bucket.view(len(s), 1, *(1,) * (s.dim() - 3), -1).expand(len(s), 1, *s.shape[2:]))[:, 0]
-        return s
+        return torch.stack([pre, s], 1) if hybrid else s
 
     def select(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 4: positions (b, k_max) of the top compressed tokens sink <= j <= pos - window, and which of
         them are attended (b, k_max): the first budget() of each row.
         kv-head selection: (b, Hkv, k_max), each KV head's own top tokens within the same budget."""
-        s = self.scores(q, q_rope, input_pos, rows)  # (b, [Hkv,] S)
+        s = self.scores(q, q_rope, input_pos, rows)  # (b, [2,] [Hkv,] S)
         j = torch.arange(s.shape[-1], device=s.device)
-        pos = input_pos.view(len(s), *(1,) * (s.dim() - 1))  # (b, [1,] 1)
-        return self.top(s.masked_fill((j < self.n_sink) | (j > pos - self.window), -math.inf), input_pos)
+        pos = input_pos.view(len(s), *(1,) * (s.dim() - 1))  # (b, [1,] [1,] 1)
+        s = s.masked_fill((j < self.n_sink) | (j > pos - self.window), -math.inf)
+        return self.top_hybrid(s[:, 0], s[:, 1], input_pos) if self.ranking == "hybrid" else self.top(s, input_pos)
 
     def top(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """Top k_max of scores s (b, [Hkv,] S) (-inf outside the candidates) and which are within each row's budget
         (the n_attend table, as the fused step)."""
         return top_within_budget(s, self.n_attend[input_pos[:, 0]][:, None], self.k_max)
+
+    def top_hybrid(self, s_pre: Tensor, s_rope: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """"hybrid" selection from scores (b, [Hkv,] S): the top half of each row's budget by s_pre, then the rest by
+        s_rope among the tokens not taken; (b, [Hkv,] k_max) positions and which are attended, as top()."""
+        n_b = self.n_attend[input_pos[:, 0]][:, None]  # (b, 1)
+        k1 = self.k_max // 2  # n_b // 2 <= k1 and n_b - n_b // 2 <= k_max - k1
+        idx1, keep1 = top_within_budget(s_pre, n_b // 2, k1)
+        s_rope = s_rope.scatter(-1, idx1, s_rope.gather(-1, idx1).masked_fill(keep1, -math.inf))  # taken: out
+        idx2, keep2 = top_within_budget(s_rope, n_b - n_b // 2, self.k_max - k1)
+        return torch.cat([idx1, idx2], -1), torch.cat([keep1, keep2], -1)
 
     def top_fused(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """self.top for the fused step, scores s (b, S): the radix-select kernel, the same set without a sort."""

@@ -177,7 +177,8 @@ def brute_selection(cfg: SALSConfig, q, pos: int, hist, U) -> set[int]:
     """The positions SALS should select for one row, by definition, in float64 python loops. Expected-rope
     ranking: each key seen through the ranking's r* latent coordinates (U_r* U_r*^T k), and its post-RoPE
     logit summed over heads averaged over every candidate position the key could hold; bucket-rope: over the
-    candidate positions at a distance in the same bucket [window 2^i, window 2^(i+1)) as the key's."""
+    candidate positions at a distance in the same bucket [window 2^i, window 2^(i+1)) as the key's; hybrid: the top
+    half of the budget by pre-rope, the rest by bucket-rope among the other candidates."""
     H, G = q.shape[0], q.shape[0] // hist[0][0].shape[0]
     q_r = rope64(q, pos)
     q_lat = torch.cat([q[h * G:(h + 1) * G].sum(0) for h in range(H // G)]) @ U[:, :cfg.score_dims]
@@ -187,18 +188,21 @@ def brute_selection(cfg: SALSConfig, q, pos: int, hist, U) -> set[int]:
 
     def mean_logit(j):  # key j's latent view, at every position its ranking averages over
         seen = (hist[j][0].reshape(-1) @ Us @ Us.T).view(hist[j][0].shape)
-        at = [c for c in cands if cfg.ranking == "expected-rope" or bucket(c) == bucket(j)]
+        at = [c for c in cands if cfg.ranking == "expected-rope" or bucket(c) == bucket(j)]  # bucket-rope, hybrid
         return sum(float(torch.einsum("hd,hd->", q_r, rope64(seen, c)[heads])) for c in at) / len(at)
+
+    def pre_rope(j):
+        return float(q_lat @ (hist[j][0].reshape(-1) @ U[:, :cfg.rank])[:cfg.score_dims])
 
     def score(j):
         if cfg.selector == "oracle":
             return sum(float(q_r[h] @ rope64(hist[j][0][h // G], j)) for h in range(H))
-        if cfg.ranking != "pre-rope":
-            return mean_logit(j)
-        return float(q_lat @ (hist[j][0].reshape(-1) @ U[:, :cfg.rank])[:cfg.score_dims])
-    n = n_total(cfg, pos) - cfg.sink - cfg.window
-    candidates = sorted(cands, key=score, reverse=True)
-    return set(candidates[:max(n, 0)])
+        return pre_rope(j) if cfg.ranking == "pre-rope" else mean_logit(j)
+    n = max(n_total(cfg, pos) - cfg.sink - cfg.window, 0)
+    if cfg.ranking == "hybrid":  # half by pre-rope, the rest by bucket-rope among the others
+        first = sorted(cands, key=pre_rope, reverse=True)[:n // 2]
+        return set(first) | set(sorted(set(cands) - set(first), key=mean_logit, reverse=True)[:n - n // 2])
+    return set(sorted(cands, key=score, reverse=True)[:n])
 
 
 def n_total(cfg: SALSConfig, pos: int) -> int:
@@ -257,7 +261,8 @@ def test_min_tokens_default_and_fixed_budget_check():
 
 
 @pytest.mark.parametrize("selector,ranking", [("latent", "pre-rope"), ("oracle", "pre-rope"),
-                                              ("latent", "expected-rope"), ("latent", "bucket-rope")])
+                                              ("latent", "expected-rope"), ("latent", "bucket-rope"),
+                                              ("latent", "hybrid")])
 @pytest.mark.parametrize("heads", [(6, 2), (3, 3)])  # GQA with G = 3, and MHA
 def test_selection_equals_brute_force(selector, ranking, heads):
     args = layer_args(*heads)
@@ -481,8 +486,10 @@ def test_kv_head_selection_equals_brute_force_per_head(heads):
     assert max(checked) > 5 and min(checked) <= 0 and any(differ)  # heads really choose differently
 
 
-def test_kv_head_selection_with_one_kv_head_is_the_layer_selection():
-    """With a single KV head, its latent query is the layer's: the same tokens, the same outputs (low rank, r* < r)."""
+@pytest.mark.parametrize("ranking", ["pre-rope", "hybrid"])
+def test_kv_head_selection_with_one_kv_head_is_the_layer_selection(ranking):
+    """With a single KV head, its latent query is the layer's: the same tokens, the same outputs (low rank, r* < r),
+    for each ranking."""
     args = layer_args(n_head=3, n_kv_head=1)
     U = orthonormal(8, torch.Generator().manual_seed(6))
     runs = {}
@@ -492,7 +499,8 @@ def test_kv_head_selection_with_one_kv_head_is_the_layer_selection():
         def on_step(cache, q, y, pos, hist):
             idx, keep = (t.view(len(pos), -1) for t in cache.select(q, None, pos, None))  # (b, k_max): one KV head
             steps.append(([set(r[k].tolist()) for r, k in zip(idx, keep)], y))
-        cfg = SALSConfig(rank=6, score_dims=3, value_bits=16, sparsity=0.3, sink=3, window=5, selection=selection)
+        cfg = SALSConfig(rank=6, score_dims=3, value_bits=16, sparsity=0.3, sink=3, window=5, selection=selection,
+                         ranking=ranking, min_tokens=0)
         feed_layer(cfg, args, [9, 17, 30], 30, U, on_step)
     assert sum(len(s) for sel, _ in runs["layer"] for s in sel) > 100
     for (sel_l, y_l), (sel_h, y_h) in zip(runs["layer"], runs["kv-head"], strict=True):
@@ -500,7 +508,7 @@ def test_kv_head_selection_with_one_kv_head_is_the_layer_selection():
         torch.testing.assert_close(y_h, y_l, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("override", [dict(selection="kv-head"), dict(ranking="bucket-rope")])
+@pytest.mark.parametrize("override", [dict(selection="kv-head"), dict(ranking="bucket-rope"), dict(ranking="hybrid")])
 def test_kv_head_selection_never_takes_the_fused_path(monkeypatch, override):
     """The Triton decode step selects one set per layer with one latent query: with kv-head selection or the
     bucket-rope ranking (a query per distance bucket) forward must stay on the reference path even where the fused

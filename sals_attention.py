@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from kernels.ranking import select_top_reference
 from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies, rope_table
 
 GROUP = 32  # value channels sharing one scale and zero
@@ -25,11 +26,16 @@ GROUP = 32  # value channels sharing one scale and zero
 # q.k with q rotated by RoPE's rotation averaged over the candidates' distances; "bucket-rope" the same average taken
 # per distance bucket [W 2^i, W 2^(i+1)) (W the window), each token ranked by its bucket's query: a narrower range of
 # distances damps fewer RoPE frequencies (EVAL.md section 7). Both are bucket_rotations, with one bucket or several.
-RANKINGS = ("pre-rope", "expected-rope", "bucket-rope")
+# "hybrid": half of the selection by pre-rope (what a token says, at any distance: retrieval), the other half by
+# bucket-rope among the tokens left (where attention goes: perplexity); on SmolLM2 each wins one of the two.
+RANKINGS = ("pre-rope", "expected-rope", "bucket-rope", "hybrid")
 # Who chooses the attended tokens: "layer" one ranking per layer, shared by its heads (the paper); "kv-head" each KV
 # head by its own latent query (its G query heads), because on SmolLM2 one shared set loses the few retrieval heads'
 # tokens (EVAL.md sections 5-6).
 SELECTIONS = ("layer", "kv-head")
+# The proportional budget alone attends only the sinks and the window below (sink + window) / sparsity tokens (640 at
+# the defaults): a streaming cache on short prompts, which then miss what dense attention finds (EVAL.md).
+MIN_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class SALSConfig:
     score_dims: int | None = None  # r*, latent coordinates used for ranking; default r // 2
     value_bits: int = 4  # 2, 4, or 16 (values stored unquantized in the model dtype)
     sparsity: float = 1 / 8  # attended share of the context, sinks and window included
+    min_tokens: int = MIN_TOKENS  # below this many cached tokens every one is attended (see budget)
+    budget_tokens: int | None = None  # N_c: a fixed number of attended tokens instead of sparsity * context
     sink: int = 16
     window: int = 64
     dense_layers: tuple[int, ...] | None = None  # layers keeping a dense KVCache; None: (0, 1, L-1)
@@ -75,6 +83,10 @@ class SALSConfig:
               f"{self.value_bits}-bit values are quantized in groups of {GROUP} channels, but head_dim "
               f"{args.head_dim} is not a multiple of {GROUP}; use value_bits=16.")
         check(0 < self.sparsity <= 1, f"sparsity {self.sparsity} is not in (0, 1].")
+        check(self.min_tokens >= 0, f"min_tokens {self.min_tokens} is negative (0 turns the minimum off).")
+        check(self.budget_tokens is None or self.budget_tokens >= self.sink + self.window,
+              f"budget_tokens {self.budget_tokens} is below sinks + window ({self.sink} + {self.window}), which are "
+              f"always attended; raise it or use the proportional budget (budget_tokens=None).")
         check(self.sink >= 0 and self.window >= 1, f"need sink >= 0 and window >= 1 (got sink {self.sink}, "
                                                    f"window {self.window}).")
         dense = self.dense_layers if self.dense_layers is not None else {0, 1, L - 1} & set(range(L))
@@ -104,7 +116,7 @@ def mean_rotation(inv_freq: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 def n_buckets(ranking: str, window: int, max_seq_length: int) -> int:
     """How many distance buckets [window 2^i, window 2^(i+1)) a ranking averages RoPE's rotation over in a cache of
     max_seq_length positions: 0 for "pre-rope" (no rotation), 1 for "expected-rope" (all candidates at once)."""
-    if ranking == "bucket-rope":
+    if ranking in ("bucket-rope", "hybrid"):
         return max(1, math.ceil(math.log2(max(max_seq_length, 2 * window) / window)))
     return int(ranking == "expected-rope")
 
@@ -169,20 +181,22 @@ def dequantize_values(packed: Tensor, scale: Tensor, zero: Tensor, bits: int, dt
     return (q.float() * scale.float()[..., None] + zero.float()[..., None]).flatten(-2).to(dtype)
 
 
-def budget(input_pos: Tensor, sparsity: float, sink: int, window: int) -> Tensor:
-    """(b, 1) how many compressed tokens each row attends at input_pos (b, 1): floor(sparsity * (pos+1)) - sink -
-    window, so that sinks, window and selection together fill the budget (<= 0: none)."""
-    return torch.floor((input_pos + 1).double() * sparsity).long() - sink - window
+def budget(input_pos: Tensor, cfg: SALSConfig) -> Tensor:
+    """How many compressed tokens a step at input_pos (any shape, int) attends, same shape (<= 0: none):
+    n_total(pos) - sink - window, where n_total, the tokens attended in all (sinks + window + selected), is
+    max(floor(sparsity * (pos+1)), min(min_tokens, pos+1)), or with budget_tokens = N_c, max(min(N_c, pos+1),
+    min(min_tokens, pos+1)). Below min_tokens every cached token is attended (the selection takes all candidates,
+    from the compressed cache). Nondecreasing in pos, so the last position of a cache has the largest budget.
+    The one definition of the budget: the reference step and the GPU kernels read it through SALSCache.n_attend."""
+    n = input_pos.long() + 1
+    base = (torch.floor(n.double() * cfg.sparsity).long() if cfg.budget_tokens is None
+            else torch.full_like(n, cfg.budget_tokens))
+    return torch.minimum(base.clamp(min=cfg.min_tokens), n) - cfg.sink - cfg.window
 
 
-def top_within_budget(s: Tensor, input_pos: Tensor, k: int, sparsity: float, sink: int,
-                      window: int) -> tuple[Tensor, Tensor]:
-    """Positions (b, ..., k) of the top k scores s (b, ..., S) (-inf outside the candidates), and which of them
-    are attended: the first budget(...) of each row (input_pos (b, 1))."""
-    top, idx = s.topk(k, dim=-1)
-    n_b = budget(input_pos, sparsity, sink, window)
-    n_b = n_b.view(n_b.shape[0], *(1,) * (s.dim() - 1))
-    return idx, (torch.arange(k, device=s.device) < n_b) & (top > -math.inf)
+def top_k_width(cfg: SALSConfig, max_seq_length: int) -> int:
+    """k_max, the static top-k width: the largest budget of any position of a cache of max_seq_length tokens."""
+    return max(0, int(budget(torch.tensor(max_seq_length - 1, device="cpu"), cfg)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +218,7 @@ class SALSCache(nn.Module):
     also kept at full precision, post-RoPE, while in the window ring (slot (pos - sink) % window).
     rope: the model's (cos, sin) table (S, Dh/2, 2) float32 (model.rope_table), read by the fused kernel and held
     by reference, not as a buffer: setup_sals hands every layer the one table of the model; None builds one
-    (standalone caches). It must be on the device the step runs on; the reference path does not use it.
+    (standalone caches). It must be on the device the step runs on; both paths rotate the selected keys with it.
     fused: decode with the Triton kernels of kernels/ (None: on CUDA tensors; True also runs them in Triton's CPU
     interpreter; False keeps the PyTorch reference)."""
 
@@ -227,13 +241,13 @@ class SALSCache(nn.Module):
         if self.rope.shape[0] < S or self.rope.shape[1:] != (Dh // 2, 2) or self.rope.dtype != torch.float32:
             raise ValueError(f"rope has shape {tuple(self.rope.shape)} {self.rope.dtype}, expected the model's table "
                              f"({S} or more, {Dh // 2}, 2) float32 (model.rope_table).")
-        self.k_max = max(0, math.ceil(cfg.sparsity * S) - cfg.sink - cfg.window)  # static top-k width
+        self.k_max = top_k_width(cfg, S)
         dt, sdt = U.dtype, scale_dtype(U.dtype)
         q_width = Dh if cfg.value_bits == 16 else Dh * cfg.value_bits // 8
         full = lambda n: torch.zeros(B, n, Hkv, Dh, dtype=dt)  # noqa: E731
         buffers = {
             "U": U.contiguous(),  # (D, r) row-major: the fused kernel loads tiles of U's rows
-            "inv_freq": rope_frequencies(args),  # (Dh/2,) float64: the reference's angles, bit for bit the table's
+            "inv_freq": rope_frequencies(args),  # (Dh/2,) float64: for the rankings' mean rotations
             "k_lat_score": torch.zeros(B, S, rs, dtype=dt),  # latent prefix read by the ranking
             "k_lat_rest": torch.zeros(B, S, r - rs, dtype=dt),
             "v_q": torch.zeros(B, S, Hkv, q_width, dtype=dt if cfg.value_bits == 16 else torch.uint8),
@@ -243,7 +257,7 @@ class SALSCache(nn.Module):
             "win_k": full(cfg.window), "win_v": full(cfg.window),  # post-RoPE ring
             "window_pos": torch.full((B, cfg.window), -1, dtype=torch.int32),  # position in each slot, -1 empty
             # budget() of every position, looked up by the fused step: one gather instead of ~7 tiny float64 kernels
-            "n_attend": budget(torch.arange(S)[:, None], cfg.sparsity, cfg.sink, cfg.window)[:, 0].int(),
+            "n_attend": budget(torch.arange(S), cfg).int(),
             "k_full": full(S) if self.oracle else None,  # oracle only: exact post-RoPE keys for the ranking
         }
         for name, t in buffers.items():
@@ -277,8 +291,8 @@ class SALSCache(nn.Module):
             y = self.prefill(apply_rope(q, rope), k_rope, v, input_pos, b)
             self.write(b, k, k_rope, v, input_pos)
             return y
-        if rows is None and not (self.oracle or self.per_head or self.n_buckets > 1) and (
-                q.is_cuda if self.fused is None else self.fused):
+        if q.is_cuda if self.fused is None else self.fused:
+            self.check_fused(rows)
             return self.fused_decode(q, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
         q_rope = apply_rope(q, rope)
         self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
@@ -297,39 +311,54 @@ class SALSCache(nn.Module):
         return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask.unsqueeze(-2))
 
     def fused_decode(self, q: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
-        """Steps 1-6 with the Triton kernels (all B rows): one kernel compresses and stores the new token, the
-        scoring kernel, a radix select of each row's budget (the same set as self.top, without its sort), one
-        fused kernel that rebuilds, rotates and attends without writing keys to memory (it rotates q itself).
-        Imported here so that importing this module never initializes Triton (its interpreter mode is fixed when a
-        kernel is defined)."""
+        """Steps 1-6 in Triton kernels (all B rows): compress and store the new token; score every candidate and
+        select each ranking row's budget (the rule of kernels/ranking.py, as self.top); rebuild, rotate and attend
+        the selected keys without writing them to memory (the kernel rotates q itself). Imported here so that
+        importing this module never initializes Triton (its interpreter mode is fixed when a kernel is defined)."""
         from kernels.compress import compress_step
-        from kernels.latent_score import latent_scores
         from kernels.sals_decode import decode_attention
         from kernels.topk import select_top
-        if self.rope.device != q.device:
-            raise ValueError(f"the RoPE table is on {self.rope.device} but the step runs on {q.device}: build the "
-                             f"cache with rope=<the model's table on that device> (setup_sals does).")
+        self.check_rope(q.device)
         compress_step(k, k_rope, v, input_pos, self.U, self.k_lat_score, self.k_lat_rest, self.v_q, self.v_scale,
                       self.v_zero, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.bits)
-        s = latent_scores(self.k_lat_score, self.latent_query(q, input_pos), input_pos, self.n_sink, self.window)
-        idx, keep = select_top(s, self.n_attend[input_pos[:, 0]], self.k_max)
+        q_lat = self.latent_query(q, input_pos).reshape(len(q), max(1, self.n_buckets), -1, self.rs)  # (B, NB, NQ, r*)
+        idx, keep = select_top(self.k_lat_score, q_lat, input_pos, self.n_attend[input_pos[:, 0]], self.n_sink,
+                               self.window, self.k_max)  # (B, NQ, k_max)
         y = decode_attention(q[:, :, 0], self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, input_pos,
-                             idx[:, None], keep[:, None], self.k_lat_score, self.k_lat_rest, self.U, self.rope, self.v_q, self.v_scale,
+                             idx, keep, self.k_lat_score, self.k_lat_rest, self.U, self.rope, self.v_q, self.v_scale,
                              self.v_zero, self.bits)  # (B, H, Dh)
         return y[:, :, None]
+
+    def check_fused(self, rows: Tensor | None):
+        """The Triton step runs every configuration users run; the others are refused rather than run slowly."""
+        if self.oracle or self.ranking == "hybrid":
+            raise ValueError(f"the {'oracle selector' if self.oracle else 'hybrid ranking'} has no GPU kernel: it is "
+                             f"an evaluation variant; run it on CPU, or build the cache with fused=False.")
+        if rows is not None:
+            raise ValueError("the fused decode step runs all rows of the cache at once; decode a subset of rows on "
+                             "CPU, or build the cache with fused=False.")
+
+    def check_rope(self, device: torch.device):
+        if self.rope.device != device:
+            raise ValueError(f"the RoPE table is on {self.rope.device} but the step runs on {device}: build the "
+                             f"cache with rope=<the model's table on that device> (setup_sals does).")
 
     def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
         """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];
         "expected-rope" ranking rotates the sums by bucket_rotations' one bucket first (the same map for every head,
         so rotating the sum equals summing the rotated heads); "bucket-rope" by each distance bucket's rotation, one
-        query per bucket: (b, n_buckets, r*). q (b, H, 1, Dh), input_pos (b, 1).
+        query per bucket: (b, n_buckets, r*); "hybrid" the bucket ones, then the pre-RoPE one: (b, n_buckets + 1, r*).
+        q (b, H, 1, Dh), input_pos (b, 1).
         kv-head selection: (b, [n_buckets,] Hkv, r*), KV head h's sum alone, placed in its rows,
         q_sum_h @ U[h*Dh:(h+1)*Dh, :r*] (the layer's query is the sum of these over h)."""
         q_sum = q[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
         if self.n_buckets:
             rot = bucket_rotations(self.inv_freq, input_pos, self.n_sink, self.window, self.n_buckets)
-            q_sum = apply_rope(q_sum[:, None], rot[:, :, None])  # (b, n_buckets, Hkv, Dh)
-            q_sum = q_sum if self.n_buckets > 1 else q_sum[:, 0]
+            q_rot = apply_rope(q_sum[:, None], rot[:, :, None])  # (b, n_buckets, Hkv, Dh)
+            if self.ranking == "hybrid":
+                q_sum = torch.cat([q_rot, q_sum[:, None]], 1)  # (b, n_buckets + 1, Hkv, Dh)
+            else:
+                q_sum = q_rot if self.n_buckets > 1 else q_rot[:, 0]
         if self.per_head:
             U_h = self.U[:, :self.rs].unflatten(0, (self.n_kv_head, self.head_dim))  # (Hkv, Dh, r*)
             return (q_sum[..., None, :] @ U_h)[..., 0, :]
@@ -340,8 +369,9 @@ class SALSCache(nn.Module):
         with kv-head selection.
         Latent: q_lat = latent_query(q, input_pos); with "pre-rope" ranking, q_lat . k_lat_j is exactly the sum
         over heads of the pre-RoPE q.k when r* = D, with "expected-rope" the mean of the post-RoPE one over the
-        candidates' distances, with "bucket-rope" over the candidates' distances in j's distance bucket; oracle: the
-        sum over heads of the true post-RoPE q.k."""
+        candidates' distances, with "bucket-rope" over the candidates' distances in j's distance bucket; "hybrid":
+        (b, 2, [Hkv,] S), the pre-rope and the bucket-rope scores; oracle: the sum over heads of the true post-RoPE
+        q.k."""
         if self.oracle:
             k_full = self.k_full if rows is None else self.k_full[rows]
             q_sum = q_rope[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
@@ -350,26 +380,40 @@ class SALSCache(nn.Module):
         q_lat = self.latent_query(q, input_pos)  # (b, [n_buckets,] [Hkv,] r*)
         # at least float32, as the scoring kernel: 16-bit scores tie often, and ties rank in no defined order
         wide = torch.promote_types(k_lat.dtype, torch.float32)
-        s = k_lat.to(wide)[:, None] @ q_lat.to(wide).reshape(len(k_lat), -1, self.rs, 1)  # (b, [n_buckets*][Hkv], S, 1)
-        s = s.view(*q_lat.shape[:-1], -1)
-        if self.n_buckets > 1:  # each position scored by the query of its distance's bucket
+        q_all = q_lat.to(wide).reshape(len(k_lat), -1, self.rs)  # (b, [n_buckets*][Hkv], r*)
+        s = (q_all @ k_lat.to(wide).transpose(1, 2)).view(*q_lat.shape[:-1], -1)  # k_lat read once for all queries
+        hybrid = self.ranking == "hybrid"
+        s, pre = (s[:, :-1], s[:, -1]) if hybrid else (s, None)
+        if self.n_buckets > 1 or hybrid:  # each position scored by the query of its distance's bucket
             bucket = distance_bucket(input_pos - torch.arange(s.shape[-1], device=s.device), self.window,
                                      self.n_buckets)  # (b, S)
             s = s.gather(1, bucket.view(len(s), 1, *(1,) * (s.dim() - 3), -1).expand(len(s), 1, *s.shape[2:]))[:, 0]
-        return s
+        return torch.stack([pre, s], 1) if hybrid else s
 
     def select(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 4: positions (b, k_max) of the top compressed tokens sink <= j <= pos - window, and which of
-        them are attended (b, k_max): the first floor(sparsity * (pos+1)) - sink - window of each row.
+        them are attended (b, k_max): the first budget() of each row.
         kv-head selection: (b, Hkv, k_max), each KV head's own top tokens within the same budget."""
-        s = self.scores(q, q_rope, input_pos, rows)  # (b, [Hkv,] S)
+        s = self.scores(q, q_rope, input_pos, rows)  # (b, [2,] [Hkv,] S)
         j = torch.arange(s.shape[-1], device=s.device)
-        pos = input_pos.view(len(s), *(1,) * (s.dim() - 1))  # (b, [1,] 1)
-        return self.top(s.masked_fill((j < self.n_sink) | (j > pos - self.window), -math.inf), input_pos)
+        pos = input_pos.view(len(s), *(1,) * (s.dim() - 1))  # (b, [1,] [1,] 1)
+        s = s.masked_fill((j < self.n_sink) | (j > pos - self.window), -math.inf)
+        return self.top_hybrid(s[:, 0], s[:, 1], input_pos) if self.ranking == "hybrid" else self.top(s, input_pos)
 
     def top(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Top k_max of scores s (b, [Hkv,] S) (-inf outside the candidates) and which are within each row's budget."""
-        return top_within_budget(s, input_pos, self.k_max, self.sparsity, self.n_sink, self.window)
+        """Top k_max of scores s (b, [Hkv,] S) (-inf outside the candidates) and which are within each row's budget
+        (the n_attend table, as the fused step)."""
+        return select_top_reference(s, self.n_attend[input_pos[:, 0]], self.k_max)
+
+    def top_hybrid(self, s_pre: Tensor, s_rope: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """"hybrid" selection from scores (b, [Hkv,] S): the top half of each row's budget by s_pre, then the rest by
+        s_rope among the tokens not taken; (b, [Hkv,] k_max) positions and which are attended, as top()."""
+        n_b = self.n_attend[input_pos[:, 0]]  # (b,)
+        k1 = self.k_max // 2  # n_b // 2 <= k1 and n_b - n_b // 2 <= k_max - k1
+        idx1, keep1 = select_top_reference(s_pre, n_b // 2, k1)
+        taken = torch.zeros_like(s_rope, dtype=torch.long).scatter_add_(-1, idx1, keep1.long()) > 0
+        idx2, keep2 = select_top_reference(s_rope.masked_fill(taken, -math.inf), n_b - n_b // 2, self.k_max - k1)
+        return torch.cat([idx1, idx2], -1), torch.cat([keep1, keep2], -1)
 
     def keys(self, b: Tensor, idx: Tensor) -> Tensor:
         """Post-RoPE keys (n, k, Hkv, Dh) of positions idx (n, k) of rows b, rebuilt from their latents
@@ -379,8 +423,8 @@ class SALSCache(nn.Module):
         bi = b[:, None, None]
         lat = torch.cat([self.k_lat_score[bi, idx], self.k_lat_rest[bi, idx]], -1)  # (n, 1 or Hkv, k, r)
         k = lat @ self.U.unflatten(0, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
-        angles = idx[..., None].double() * self.inv_freq  # (n, 1 or Hkv, k, Dh/2), the same products as rope_table
-        return apply_rope(k, torch.stack([angles.cos(), angles.sin()], -1).float()).transpose(1, 2)
+        self.check_rope(idx.device)
+        return apply_rope(k, self.rope[idx]).transpose(1, 2)  # the table's rows: (n, 1 or Hkv, k, Dh/2, 2)
 
     def values(self, b: Tensor, idx: Tensor) -> Tensor:
         """Values (n, k, Hkv, Dh) of positions idx (n, k) of rows b; idx (n, Hkv, k): head h's values of its own."""

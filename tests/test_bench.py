@@ -12,7 +12,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import decode_bench as db  # noqa: E402
-from sals_attention import SALSCache  # noqa: E402
+from sals_attention import MIN_TOKENS, SALSCache  # noqa: E402
 
 SINK, WINDOW, SPARSITY = 16, 64, 1 / 8  # the SALS presets' settings (SALS.md), restated as the reference
 
@@ -117,7 +117,7 @@ def test_synthetic_prefill_attends_the_whole_budget(method):
     with torch.no_grad():
         logits = model(torch.randint(0, 1000, (B, 1)), torch.full((B, 1), P))
     assert torch.isfinite(logits).all()
-    budget = math.floor(SPARSITY * (P + 1)) - SINK - WINDOW
+    budget = max(math.floor(SPARSITY * (P + 1)), min(MIN_TOKENS, P + 1)) - SINK - WINDOW  # sals_attention.budget
     assert len(kept) == 2 and budget > 0
     for idx, keep in kept:
         assert keep.sum(-1).tolist() == [budget] * B

@@ -34,28 +34,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("B,S,rs", [(3, 300, 24), (2, 130, 128), (1, 64, 200)])
-def check_latent_scores(B, S, rs, dtype):
-    """Every position's score in float32 against float64 brute force, -inf exactly outside the candidates
-    n_sink <= j <= pos - window (rows at different lengths, one with no candidate at all)."""
-    gen = torch.Generator().manual_seed(B * S + rs)
-    k = torch.randn(B, S, rs, generator=gen).to(dtype)
-    q = torch.randn(B, rs, generator=gen).to(dtype)
-    pos = torch.tensor([[S - 1], [S // 2], [20]][:B])
-    from kernels import latent_score
-    out = torch.full((B, S), float("nan"))
-    latent_score.launch_latent_scores(k, q, pos, 4, 8, out)
-    terms = k.double() * q.double()[:, None]  # (B, S, rs)
-    j = torch.arange(S)
-    cand = (j >= 4) & (j <= pos - 8)
-    assert torch.equal(out.isfinite(), cand) and (out[~cand] == -math.inf).all()
-    # float32 accumulation of exact products: |error| <= rs * 2^-24 * sum |terms| (generous, order-free)
-    bound = rs * 2 ** -24 * terms.abs().sum(-1)
-    assert ((out.double() - terms.sum(-1)).abs()[cand] <= bound[cand]).all()
-    assert torch.equal(latent_score.latent_scores(k, q, pos, 4, 8).isfinite(), cand)  # the op allocates too
-
-
 # (n_head, n_kv_head, head_dim, SALSConfig overrides): MHA and GQA (G = 4, and G = 3), 2-, 4- and 16-bit
 # values, r and r* multiples of the block and not.
 CASES = [
@@ -70,7 +48,7 @@ CASES = [
 def check_decode_kernels_float32(n_head, n_kv_head, head_dim, kw):
     """Rows at different lengths: a full budget, a partial one, and one with no selected token at all."""
     cache, *step = random_cache(3, 256, n_head, n_kv_head, head_dim, pos=[255, 150, 60], dtype=torch.float32,
-                                seed=n_head + head_dim, sink=4, window=8, sparsity=0.25, **kw)
+                                seed=n_head + head_dim, sink=4, window=8, sparsity=0.25, min_tokens=0, **kw)
     err = kernel_errors(cache, *step)
     assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["scores"] < 1e-5 and err["attention"] < 1e-5, err
 
@@ -80,7 +58,7 @@ def check_decode_kernels_float16():
     them too, but at different points (2e-3: two half-precision ulps; 3e-4 measured). float16, not bfloat16:
     Triton's interpreter holds bfloat16 as raw integers and adds them as such (gpu_sals.sh checks bf16 on a GPU)."""
     cache, *step = random_cache(2, 200, 8, 2, 64, pos=[199, 120], dtype=torch.float16, seed=5, sink=4, window=8,
-                                sparsity=0.25, rank_fraction=0.25, value_bits=4)
+                                sparsity=0.25, min_tokens=0, rank_fraction=0.25, value_bits=4)
     err = kernel_errors(cache, *step)
     assert err["selected"] == (50 - 12) + (30 - 12) and err["scores"] < 1e-5 and err["attention"] < 2e-3, err
 
@@ -89,7 +67,7 @@ def check_decode_kernel_rotates_far_positions_exactly():
     """Keys selected near position 32K: RoPE angles as float32 products pos * inv_freq would be off by up to
     ~2e-3 rad there (a relative error of ~1e-3 in the output); the kernel reads the table's float64-made rows."""
     cache, *step = random_cache(1, 33000, 1, 1, 64, dtype=torch.float32, seed=9, sink=4, window=8,
-                                sparsity=1 / 256, rank_fraction=0.25, value_bits=16)
+                                sparsity=1 / 256, min_tokens=0, rank_fraction=0.25, value_bits=16)
     err = kernel_errors(cache, *step)
     assert err["selected"] == 128 - 12 and err["attention"] < 1e-5, err
 
@@ -110,7 +88,7 @@ def check_decode_kernel_launch_variants(cfg, n_head, n_kv_head):
     from kernels import sals_decode
     cfg = dict(cfg, num_warps=1, num_stages=1)
     cache, *step = random_cache(3, 256, n_head, n_kv_head, 64, pos=[255, 150, 60], dtype=torch.float32, seed=n_head,
-                                sink=4, window=8, sparsity=0.25, rank=40, score_dims=24, value_bits=4)
+                                sink=4, window=8, sparsity=0.25, min_tokens=0, rank=40, score_dims=24, value_bits=4)
     n_split = 1 + sals_decode.split_count(cache.k_max, 3 * n_kv_head, cfg)
     err = kernel_errors(cache, *step, cfg=cfg, n_split=n_split)
     assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["attention"] < 1e-5, (err, n_split)
@@ -146,10 +124,12 @@ def check_combine_splits(n):
     assert rel_err(out, ref) < 1e-3  # float16 rounding of the output (2^-11)
 
 
-def check_dispatched_decode_equals_reference_model():
+@pytest.mark.parametrize("selection,ranking", [("layer", "pre-rope"), ("kv-head", "bucket-rope")])
+def check_dispatched_decode_equals_reference_model(selection, ranking):
     """A small random model (float32) with SALS caches: prefill rows of different lengths one at a time, then
     decode steps of all rows; logits with fused=True (kernels) equal those of the reference path, and the
-    kernels really ran in every SALS layer of every step."""
+    kernels really ran in every SALS layer of every step; one selection per layer with the paper's ranking, and
+    one per KV head with a latent query per distance bucket."""
     from kernels import sals_decode
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=97, dim=128, n_layer=3, n_head=4, n_kv_head=2, head_dim=64, intermediate_size=96,
@@ -157,7 +137,9 @@ def check_dispatched_decode_equals_reference_model():
     model = Transformer(args).eval()
     gen = torch.Generator().manual_seed(1)
     calib = {"eigvecs": [torch.linalg.qr(torch.randn(128, 128, generator=gen))[0] for _ in range(3)]}
-    cfg = SALSConfig(rank_fraction=0.25, value_bits=4, sparsity=0.25, sink=4, window=8, dense_layers=(0,))
+    # min_tokens 40: the 9-token row attends everything, the others 40 tokens, then a quarter (the budget's regimes)
+    cfg = SALSConfig(rank_fraction=0.25, value_bits=4, sparsity=0.25, sink=4, window=8, dense_layers=(0,),
+                     min_tokens=40, selection=selection, ranking=ranking)
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (70, 41, 9)]
     steps = torch.randint(0, 97, (3, 5), generator=gen)
     calls = []
@@ -184,29 +166,6 @@ def check_dispatched_decode_equals_reference_model():
     assert len(calls) == 2 * steps.shape[1]  # layers 1 and 2 are SALS layers, one call per decode step
     assert ref.std() > 0.1
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("S,k,levels", [(300, 40, 0), (300, 40, 3), (70, 64, 0), (1000, 120, 5)])
-def check_select_top(S, k, levels):
-    """kernels/topk.select_top against brute force (a stable sort of float64 scores): the same positions in the
-    same (ascending) order and the same keep mask, for budgets below k, above k, above the number of candidates,
-    zero and negative; with levels > 0 the scores take that many values, so most of the selection is ties (the
-    kernel takes the first positions among equal scores, as the stable sort does); candidates of both signs."""
-    from kernels.topk import launch_select, select_top_reference
-    gen = torch.Generator().manual_seed(S + k + levels)
-    B = 6
-    s = torch.randn(B, S, generator=gen) * 3
-    if levels:
-        s = s.round().clamp(-levels, levels) / 2
-    j = torch.arange(S)
-    last = torch.tensor([S - 1, S - 1, S // 2, 30, 10, S - 1])[:, None]  # each row's newest candidate
-    s = s.masked_fill((j < 4) | (j > last), float("-inf"))
-    budget = torch.tensor([k - 3, k + 50, k, 20, 7, 0 if levels else -5])
-    idx, keep = torch.full((B, k), -7, dtype=torch.int64), torch.ones(B, k, dtype=torch.bool)  # poisoned
-    launch_select(s, budget, idx, keep)
-    ref_idx, ref_keep = select_top_reference(s, budget, k)
-    assert torch.equal(keep, ref_keep) and torch.equal(idx, ref_idx)
-    assert keep.sum() > 0 and not keep[-1].any()
 
 
 # The compression kernel (kernels/compress.py): MHA, GQA, and 3 KV heads of 32 channels (96, no power of two);
@@ -335,7 +294,7 @@ def test_sals_layers_share_the_models_rope_table():
         SALSCache(SALSConfig(rank=32).resolve(args, 128), args, 1, 300, torch.zeros(128, 32), rope_table(args, 200))
 
 
-N_CHILD_TESTS = 9 + 4 + len(CASES) + 3 + 3 + 2 * len(VARIANTS) + 2 + 3 * len(COMPRESS_CASES) + 1
+N_CHILD_TESTS = len(CASES) + 3 + 3 + 2 * len(VARIANTS) + 3 + 3 * len(COMPRESS_CASES) + 1
 if CHILD:  # the child collects the checks as tests, and not the launcher
     assert os.environ.get("TRITON_INTERPRET") == "1"
     del test_kernels_in_triton_interpreter, test_sals_layers_share_the_models_rope_table  # parent-only tests

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from model import KVCache, ModelArgs, Transformer, apply_rope, load_model, rope_frequencies, rope_table
-from sals_attention import SALSCache, SALSConfig, dequantize_values, quantize_values, setup_sals
+from sals_attention import (SALSCache, SALSConfig, budget, dequantize_values, quantize_values, setup_sals,
+                            top_k_width)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -176,7 +177,8 @@ def brute_selection(cfg: SALSConfig, q, pos: int, hist, U) -> set[int]:
     """The positions SALS should select for one row, by definition, in float64 python loops. Expected-rope
     ranking: each key seen through the ranking's r* latent coordinates (U_r* U_r*^T k), and its post-RoPE
     logit summed over heads averaged over every candidate position the key could hold; bucket-rope: over the
-    candidate positions at a distance in the same bucket [window 2^i, window 2^(i+1)) as the key's."""
+    candidate positions at a distance in the same bucket [window 2^i, window 2^(i+1)) as the key's; hybrid: the top
+    half of the budget by pre-rope, the rest by bucket-rope among the other candidates."""
     H, G = q.shape[0], q.shape[0] // hist[0][0].shape[0]
     q_r = rope64(q, pos)
     q_lat = torch.cat([q[h * G:(h + 1) * G].sum(0) for h in range(H // G)]) @ U[:, :cfg.score_dims]
@@ -186,29 +188,88 @@ def brute_selection(cfg: SALSConfig, q, pos: int, hist, U) -> set[int]:
 
     def mean_logit(j):  # key j's latent view, at every position its ranking averages over
         seen = (hist[j][0].reshape(-1) @ Us @ Us.T).view(hist[j][0].shape)
-        at = [c for c in cands if cfg.ranking == "expected-rope" or bucket(c) == bucket(j)]
+        at = [c for c in cands if cfg.ranking == "expected-rope" or bucket(c) == bucket(j)]  # bucket-rope, hybrid
         return sum(float(torch.einsum("hd,hd->", q_r, rope64(seen, c)[heads])) for c in at) / len(at)
+
+    def pre_rope(j):
+        return float(q_lat @ (hist[j][0].reshape(-1) @ U[:, :cfg.rank])[:cfg.score_dims])
 
     def score(j):
         if cfg.selector == "oracle":
             return sum(float(q_r[h] @ rope64(hist[j][0][h // G], j)) for h in range(H))
-        if cfg.ranking != "pre-rope":
-            return mean_logit(j)
-        return float(q_lat @ (hist[j][0].reshape(-1) @ U[:, :cfg.rank])[:cfg.score_dims])
-    n = math.floor(cfg.sparsity * (pos + 1)) - cfg.sink - cfg.window
-    candidates = sorted(cands, key=score, reverse=True)
-    return set(candidates[:max(n, 0)])
+        return pre_rope(j) if cfg.ranking == "pre-rope" else mean_logit(j)
+    n = max(n_total(cfg, pos) - cfg.sink - cfg.window, 0)
+    if cfg.ranking == "hybrid":  # half by pre-rope, the rest by bucket-rope among the others
+        first = sorted(cands, key=pre_rope, reverse=True)[:n // 2]
+        return set(first) | set(sorted(set(cands) - set(first), key=mean_logit, reverse=True)[:n - n // 2])
+    return set(sorted(cands, key=score, reverse=True)[:n])
+
+
+def n_total(cfg: SALSConfig, pos: int) -> int:
+    """Tokens a step at pos attends in all (sinks + window + selected), as the issue defines them:
+    max(floor(sparsity * (pos+1)), min(min_tokens, pos+1)); a fixed budget N_c replaces the first term by
+    min(N_c, pos+1)."""
+    base = math.floor(cfg.sparsity * (pos + 1)) if cfg.budget_tokens is None else min(cfg.budget_tokens, pos + 1)
+    return max(base, min(cfg.min_tokens, pos + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget: how many tokens a step attends.
+
+BUDGETS = [dict(), dict(min_tokens=0), dict(min_tokens=100), dict(sparsity=0.3, min_tokens=50, sink=3, window=5),
+           dict(budget_tokens=200), dict(budget_tokens=80, min_tokens=0), dict(budget_tokens=100, min_tokens=300),
+           dict(sparsity=1.0, min_tokens=0), dict(sink=0, window=1, sparsity=0.01, min_tokens=7)]
+
+
+@pytest.mark.parametrize("kw", BUDGETS)
+def test_budget_brute_force_over_positions(kw):
+    """budget(), the n_attend table the GPU kernels read and k_max against the definition, position by position:
+    the sinks and the window that exist at pos, plus as many candidates (sink <= j <= pos - window) as n_total
+    leaves, never more than there are; below min_tokens every cached token is attended."""
+    cfg = SALSConfig(value_bits=16, **kw)
+    args = small_args(head_dim=32)
+    S = 1500
+    cache = SALSCache(cfg.resolve(args, 64), args, 1, S, torch.zeros(64, 16))
+    got = budget(torch.arange(S), cfg)
+    assert torch.equal(cache.n_attend, got.int())
+    assert torch.equal(budget(torch.arange(S)[:, None], cfg), got[:, None])  # any shape
+    selected = []
+    for pos in range(S):
+        fixed = min(cfg.sink, pos + 1) + max(0, min(cfg.window, pos + 1 - cfg.sink))  # sinks and window present
+        n_cand = max(0, pos - cfg.window - cfg.sink + 1)
+        sel = min(max(int(got[pos]), 0), n_cand)
+        assert fixed + sel == max(min(n_total(cfg, pos), pos + 1), fixed), pos
+        if pos + 1 <= cfg.min_tokens:
+            assert fixed + sel == pos + 1, pos  # short prompts: everything
+        assert int(got[pos]) <= n_cand or int(got[pos]) + cfg.sink + cfg.window <= pos + 1
+        selected.append(max(int(got[pos]), 0))
+    assert cache.k_max == top_k_width(cfg, S) == max(selected)
+    assert all(a <= b for a, b in zip(selected, selected[1:]))  # nondecreasing: k_max is the last position's
+
+
+def test_min_tokens_default_and_fixed_budget_check():
+    """The default keeps short prompts whole; a fixed budget must at least cover the sinks and the window."""
+    cfg = SALSConfig.preset(0.25)
+    assert cfg.min_tokens > (cfg.sink + cfg.window) and cfg.budget_tokens is None
+    assert int(budget(torch.tensor(399), cfg)) == 400 - 80  # a 400-token prompt: every one of its tokens
+    assert int(budget(torch.tensor(399), SALSConfig.preset(0.25, min_tokens=0))) == 50 - 80  # sinks and window only
+    args = small_args(head_dim=32)
+    with pytest.raises(ValueError, match="budget_tokens 79 is below sinks"):
+        SALSConfig(value_bits=16, budget_tokens=79).resolve(args, 64)
+    with pytest.raises(ValueError, match="min_tokens -1"):
+        SALSConfig(value_bits=16, min_tokens=-1).resolve(args, 64)
 
 
 @pytest.mark.parametrize("selector,ranking", [("latent", "pre-rope"), ("oracle", "pre-rope"),
-                                              ("latent", "expected-rope"), ("latent", "bucket-rope")])
+                                              ("latent", "expected-rope"), ("latent", "bucket-rope"),
+                                              ("latent", "hybrid")])
 @pytest.mark.parametrize("heads", [(6, 2), (3, 3)])  # GQA with G = 3, and MHA
 def test_selection_equals_brute_force(selector, ranking, heads):
     args = layer_args(*heads)
     D = heads[1] * 8
     U = orthonormal(D, torch.Generator().manual_seed(3))
     cfg = SALSConfig(rank=D - 5, score_dims=4, value_bits=16, sparsity=0.3, sink=3, window=5, selector=selector,
-                     ranking=ranking)
+                     ranking=ranking, min_tokens=12)  # below 12 tokens all, then 12, from 40 tokens 30%
     rcfg = cfg.resolve(args, D)
     checked = []
 
@@ -224,10 +285,13 @@ def test_selection_equals_brute_force(selector, ranking, heads):
             assert window == set(range(max(3, p - 4), p + 1))  # the last 5 positions >= sink, the new one included
             attended = sinks | window | set(chosen)
             assert len(attended) == len(sinks) + len(window) + len(chosen)  # disjoint
-            assert len(attended) == max(math.floor(0.3 * (p + 1)), min(p + 1, 3 + 5))
-            checked.append(len(chosen))
+            assert len(attended) == max(math.floor(0.3 * (p + 1)), min(p + 1, 12), min(p + 1, 3 + 5))
+            checked.append((p, len(chosen)))
     feed_layer(cfg, args, [9, 17, 30], 30, U, on_step)
-    assert sum(checked) > 100 and 0 in checked  # positions with and without a selection were checked
+    assert sum(n for _, n in checked) > 100
+    assert all(n == p + 1 - 8 for p, n in checked if p < 12)  # below min_tokens: every candidate
+    assert all(n == 12 - 8 for p, n in checked if 12 <= p < 43)  # the minimum, until 30% of the tokens exceed it
+    assert max(n for _, n in checked) > 4 and min(p for p, _ in checked) < 12
 
 
 def cache_rope(q, pos):
@@ -350,7 +414,8 @@ def test_selected_keys_are_rotated_at_their_original_positions():
     args = layer_args()
     D, G, Dh = 16, 2, 8
     U = orthonormal(D, torch.Generator().manual_seed(5))
-    cfg = SALSConfig(rank=D, score_dims=8, value_bits=16, sparsity=0.25, sink=2, window=4).resolve(args, D)
+    cfg = SALSConfig(rank=D, score_dims=8, value_bits=16, sparsity=0.25, sink=2, window=4,
+                     min_tokens=0).resolve(args, D)
     gaps = []
 
     def reference(q, sel, pos, hist, compact: bool):
@@ -389,7 +454,8 @@ def test_kv_head_selection_equals_brute_force_per_head(heads):
     H, Hkv, Dh = heads[0], heads[1], 8
     D, G = Hkv * Dh, H // Hkv
     U = orthonormal(D, torch.Generator().manual_seed(3))
-    cfg = SALSConfig(rank=D, score_dims=D, value_bits=16, sparsity=0.3, sink=3, window=5, selection="kv-head")
+    cfg = SALSConfig(rank=D, score_dims=D, value_bits=16, sparsity=0.3, sink=3, window=5, selection="kv-head",
+                     min_tokens=0)
     checked, differ = [], []
 
     def on_step(cache, q, y, pos, hist):
@@ -420,8 +486,10 @@ def test_kv_head_selection_equals_brute_force_per_head(heads):
     assert max(checked) > 5 and min(checked) <= 0 and any(differ)  # heads really choose differently
 
 
-def test_kv_head_selection_with_one_kv_head_is_the_layer_selection():
-    """With a single KV head, its latent query is the layer's: the same tokens, the same outputs (low rank, r* < r)."""
+@pytest.mark.parametrize("ranking", ["pre-rope", "hybrid"])
+def test_kv_head_selection_with_one_kv_head_is_the_layer_selection(ranking):
+    """With a single KV head, its latent query is the layer's: the same tokens, the same outputs (low rank, r* < r),
+    for each ranking."""
     args = layer_args(n_head=3, n_kv_head=1)
     U = orthonormal(8, torch.Generator().manual_seed(6))
     runs = {}
@@ -431,7 +499,8 @@ def test_kv_head_selection_with_one_kv_head_is_the_layer_selection():
         def on_step(cache, q, y, pos, hist):
             idx, keep = (t.view(len(pos), -1) for t in cache.select(q, None, pos, None))  # (b, k_max): one KV head
             steps.append(([set(r[k].tolist()) for r, k in zip(idx, keep)], y))
-        cfg = SALSConfig(rank=6, score_dims=3, value_bits=16, sparsity=0.3, sink=3, window=5, selection=selection)
+        cfg = SALSConfig(rank=6, score_dims=3, value_bits=16, sparsity=0.3, sink=3, window=5, selection=selection,
+                         ranking=ranking, min_tokens=0)
         feed_layer(cfg, args, [9, 17, 30], 30, U, on_step)
     assert sum(len(s) for sel, _ in runs["layer"] for s in sel) > 100
     for (sel_l, y_l), (sel_h, y_h) in zip(runs["layer"], runs["kv-head"], strict=True):
@@ -439,7 +508,7 @@ def test_kv_head_selection_with_one_kv_head_is_the_layer_selection():
         torch.testing.assert_close(y_h, y_l, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("override", [dict(selection="kv-head"), dict(ranking="bucket-rope")])
+@pytest.mark.parametrize("override", [dict(selection="kv-head"), dict(ranking="bucket-rope"), dict(ranking="hybrid")])
 def test_kv_head_selection_never_takes_the_fused_path(monkeypatch, override):
     """The Triton decode step selects one set per layer with one latent query: with kv-head selection or the
     bucket-rope ranking (a query per distance bucket) forward must stay on the reference path even where the fused

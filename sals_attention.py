@@ -481,7 +481,7 @@ def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, cal
                fused: bool | None = None) -> SALSConfig:
     """Allocates the model's caches: model.KVCache in cfg's dense layers, SALSCache in the others with
     U = the layer's top-r calibrated eigenvectors (calib: the dict of calibrate.load_calibration); fused as in
-    SALSCache. Returns the resolved config."""
+    SALSCache and KVCache (both kinds of layer alike). Returns the resolved config."""
     a = model.args
     D, vecs = a.n_kv_head * a.head_dim, calib["eigvecs"]
     if len(vecs) != a.n_layer or any(vec.ndim != 2 or vec.shape[0] != D for vec in vecs):
@@ -491,7 +491,7 @@ def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, cal
 
     def make_cache(i, args, B, S, dtype):
         if i in cfg.dense_layers:
-            return KVCache(B, S, args.n_kv_head, args.head_dim, dtype)
+            return KVCache(B, S, args.n_kv_head, args.head_dim, dtype, fused)
         return SALSCache(cfg, args, B, S, vecs[i][:, :cfg.rank].to(dtype), model.rope, fused)  # one shared table
     model.setup_caches(batch_size, max_seq_length, make_cache)
     return cfg

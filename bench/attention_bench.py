@@ -1,20 +1,21 @@
-"""One layer's decode attention: the SALS step (Triton kernels) against torch SDPA's flash backend.
+"""One layer's decode attention: the SALS step (Triton kernels) against the fastest dense decode attention.
 
     python bench/attention_bench.py --shape llama-2-7b mistral-7b --seq 4096 32768 --batch 1 8 16
+    python bench/attention_bench.py --configs mistral-7b:32768:8 --selection layer "kv-head bucket"
     python bench/attention_bench.py --check      # kernels vs the PyTorch reference at real sizes
-    python bench/attention_bench.py --fast       # short check, launch-setting sweep, four SALS-12.5% shapes (< 4 min)
+    python bench/attention_bench.py --sweep llama-2-7b:4096:16   # the fused kernel's launch settings alone
 
-The SALS step is SALSCache.forward for one new token, everything a step needs: RoPE of k, latent
-projection and quantization of the new token and its writes, latent query, scoring, the radix select, the
-fused gather/rebuild/attend kernel (which rotates q) and the split combine. SDPA gets q (B, 32, 1, 128) and bf16 K, V
-(B, hkv, S, 128) with enable_gqa. Both are captured in CUDA graphs and timed with triton's do_bench
-(median; do_bench clears the L2 cache before every call, so no input set is ever read from L2).
-The step is torch.compile'd (default mode; --eager to compare) before capture, as generate.py does.
-Bandwidth: bytes the SALS step must read (r* latent prefix of every candidate, the selected latent rows
-and quantized values, sinks and window, U) per second, against the copy ceiling measured in the same run (copy_ceiling).
+Per cell, on the same bf16 K, V: our split-KV kernel (kernels/decode_attention.py) and every SDPA backend, each
+forced and named (flash, efficient, cuDNN; the masked path the engine used before); SALS's ratio is to the fastest.
+The SALS step is SALSCache.forward for one new token, everything a step needs: RoPE of k, compression and writes of
+the new token, latent queries, scoring with the coarse histogram, the selection, the fused gather/rebuild/attend
+kernel (which rotates q) and the split combine. Everything is captured in CUDA graphs and timed by
+kernels/timing.graph_us (median, L2 cleared before every call). The step is torch.compile'd before capture (as
+generate.py --compile does), or eager with --eager. Each row prints its floor: the bytes it must read at the copy
+ceiling, or the key rebuild's FLOPs at the bf16 matmul rate, both measured in this process; each SALS piece beside
+its own floor.
 """
 import argparse
-import functools
 import math
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ from model import ModelArgs, apply_rope, rope_table  # noqa: E402
 from sals_attention import GROUP, SALSCache, SALSConfig  # noqa: E402
 
 SHAPES = {"llama-2-7b": (32, 32), "mistral-7b": (32, 8)}  # (query heads, KV heads); head_dim 128
+# How a SALS step selects: the paper's one ranking per layer, or one per KV head with a latent query per distance
+# bucket (what the kernels run for the accuracy-chosen configurations)
+SELECTION_VARIANTS = {"layer": {}, "kv-head bucket": dict(selection="kv-head", ranking="bucket-rope")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,10 +85,16 @@ def attention_step(cache: SALSCache, q, input_pos, idx, keep, cfg: dict | None =
                             cache.v_scale, cache.v_zero, cache.bits)
 
 
-def select_step(cache: SALSCache, scores, input_pos):
-    """kernels/topk.select_top as the fused step calls it: each row's budget looked up at its position."""
+def latent_queries(cache: SALSCache, q, input_pos):
+    """The fused step's scoring queries (B, NB, NQ, r*): distance buckets and rankings (one per layer or KV head)."""
+    return cache.latent_query(q, input_pos).reshape(len(q), max(1, cache.n_buckets), -1, cache.rs)
+
+
+def select_step(cache: SALSCache, q_lat, input_pos):
+    """kernels/topk.select_top (scores and selection) as the fused step calls it: idx, keep (B, NQ, k_max)."""
     from kernels.topk import select_top
-    return select_top(scores, cache.n_attend[input_pos[:, 0]], cache.k_max)
+    return select_top(cache.k_lat_score, q_lat, input_pos, cache.n_attend[input_pos[:, 0]], cache.n_sink,
+                      cache.window, cache.k_max)
 
 
 def poisoned(*shape, device) -> torch.Tensor:
@@ -99,17 +109,18 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None =
     splits, selection included (default: one per 32 selected tokens, plus the sinks/window split)."""
     from kernels.latent_score import launch_latent_scores, latent_scores_reference
     from kernels.sals_decode import combine_splits, launch_decode
+    from kernels.topk import select_state
     B, H, _, Dh = q.shape
     q_rope = apply_rope(q, rope)
-    q_lat = cache.latent_query(q, input_pos)
-    err_scores = None  # the scoring kernel takes one latent query per sequence
-    if q_lat.dim() == 2:
-        scores = poisoned(B, cache.k_lat_score.shape[1], device=q.device)
-        launch_latent_scores(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window, scores)
-        ref_scores = latent_scores_reference(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window)
-        finite = ref_scores.isfinite()
-        assert torch.equal(scores.isfinite(), finite), "scores: -inf outside the candidates, finite inside"
-        err_scores = rel_err(scores[finite], ref_scores[finite])
+    q_lat = latent_queries(cache, q, input_pos)
+    NQ, S = q_lat.shape[2], cache.k_lat_score.shape[1]
+    scores = poisoned(B, NQ, S, device=q.device)
+    launch_latent_scores(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window, scores,
+                         select_state(B * NQ, S, device=q.device))
+    ref_scores = latent_scores_reference(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window)
+    finite = ref_scores.isfinite()
+    assert torch.equal(scores.isfinite(), finite), "scores: -inf outside the candidates, finite inside"
+    err_scores = rel_err(scores[finite], ref_scores[finite])
     idx, keep = cache.select(q, q_rope, input_pos, None)  # the reference selection, (B, [Hkv,] k)
     n_split = n_split or 1 + max(1, math.ceil(idx.shape[1] / 32))  # the selection in several splits
     m, l, acc = poisoned(B, H, n_split, device=q.device), poisoned(B, H, n_split, device=q.device), \
@@ -125,89 +136,149 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None =
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing.
+# Timing: the dense baselines, the SALS step and its pieces, each beside its floor.
 
-def sals_bytes(cache: SALSCache, input_pos: torch.Tensor) -> int:
-    """Bytes a decode step must read: the r* prefix of every candidate, the selected tokens' latent rows and
-    values (with scales and zeros), the sinks and window, and U."""
+def dense_baselines(q, K, V, pos) -> dict[str, float | None]:
+    """Microseconds of one layer's dense decode attention over the same K, V (B, Hkv, S, Dh) (every slot valid),
+    q (B, H, 1, Dh): our split-KV kernel (kernels/decode_attention.py, each row bounded by pos (B, 1)) and every
+    SDPA backend, each forced with sdpa_kernel so that the one named is the one that ran (None: it refuses the
+    shape). 'folded': the G query heads of a KV head as G query rows of it (how model.attend reads a KV head once);
+    'masked': the engine's dense path before the kernel (a boolean mask over the slots rules out flash)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from kernels.decode_attention import decode_attention
+    B, H, _, Dh = q.shape
+    Hkv, S = K.shape[1], K.shape[2]
+    qf = q.reshape(B, Hkv, H // Hkv, Dh)
+    mask = torch.ones(B, 1, H // Hkv, S, dtype=torch.bool, device=q.device)
+    runs = {"ours: split-KV kernel": lambda: decode_attention(q[:, :, 0], K, V, pos),
+            "SDPA flash, enable_gqa": (SDPBackend.FLASH_ATTENTION, lambda: F.scaled_dot_product_attention(
+                q, K, V, enable_gqa=Hkv != H)),
+            "SDPA flash, folded": (SDPBackend.FLASH_ATTENTION, lambda: F.scaled_dot_product_attention(qf, K, V)),
+            "SDPA efficient, folded": (SDPBackend.EFFICIENT_ATTENTION, lambda: F.scaled_dot_product_attention(qf, K, V)),
+            "SDPA cuDNN, folded": (SDPBackend.CUDNN_ATTENTION, lambda: F.scaled_dot_product_attention(qf, K, V)),
+            "SDPA masked (the engine's old path)": (None, lambda: F.scaled_dot_product_attention(qf, K, V,
+                                                                                               attn_mask=mask))}
+    times = {}
+    for name, run in runs.items():
+        backend, fn = (None, run) if callable(run) else run
+        try:
+            if backend is None:
+                times[name] = graph_us(fn)
+            else:
+                with sdpa_kernel([backend]):
+                    times[name] = graph_us(fn)
+        except RuntimeError as e:  # the backend does not take this shape (or is not built in)
+            times[name] = None
+            print(f"  {name} does not run here: {str(e).splitlines()[0][:100]}", flush=True)
+    return times
+
+
+def sals_floors(cache: SALSCache, input_pos: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """(bytes, FLOPs) each piece of a SALS step must at least read and compute: the compression of the new token
+    (U), the latent queries and scores (U's r* columns, the r* prefix of every candidate, the scores written), the
+    scores and the selection (the scores read back, idx and keep written), the attention (the selected tokens'
+    latent rows and values, sinks, window, U; the key rebuild's FLOPs). Every byte counted once, as if nothing were
+    cached in L2. The step's floor: compress + score+select + attention."""
     B, S, rs = cache.k_lat_score.shape
     r = rs + cache.k_lat_rest.shape[2]
+    D, Hkv, Dh = cache.U.shape[0], cache.n_kv_head, cache.head_dim
     pos = input_pos.reshape(-1).cpu()
-    n_cand = (pos - cache.window - cache.n_sink + 1).clamp(min=0)
-    n_sel = (torch.floor((pos + 1).double() * cache.sparsity).long() - cache.n_sink - cache.window).clamp(min=0)
-    Hkv, Dh = cache.n_kv_head, cache.head_dim
+    n_cand = int((pos - cache.window - cache.n_sink + 1).clamp(min=0).sum())
+    n_sel = int(cache.n_attend.cpu()[pos].clamp(min=0).sum())  # per sequence, each KV head alike
+    n_lat = Hkv if cache.per_head else 1  # latent rows gathered per selected token
     v_token = Hkv * (Dh * 2 if cache.bits == 16 else Dh * cache.bits // 8 + 2 * 2 * Dh // GROUP)
-    return int(n_cand.sum() * rs * 2 + n_sel.sum() * (r * 2 + v_token)
-               + B * (cache.n_sink + cache.window) * Hkv * Dh * 2 * 2 + cache.U.numel() * 2)
+    u, e = cache.U.numel() * 2, 2
+    NB, NQ = max(1, cache.n_buckets), Hkv if cache.per_head else 1
+    scores = (D * rs * e + n_cand * rs * e + B * NQ * S * 4, 2 * n_cand * rs * NB * NQ)
+    return {"compress": (u, 2 * B * D * r),
+            "scores": scores,
+            "score+select": (scores[0] + B * NQ * (S * 4 + cache.k_max * 9), scores[1]),
+            "attention": (n_sel * (n_lat * r * e + v_token) + B * (cache.n_sink + cache.window) * Hkv * Dh * 2 * e + u,
+                          2 * n_sel * D * r)}
 
 
-def bench_config(shape: str, S: int, B: int, fractions, eager: bool, reference: bool = False) -> list[str]:
+def floor_us(nbytes: int, flop: int) -> float:
+    """The time a piece needs at least: its bytes at the copy ceiling or its FLOPs at the bf16 matmul rate."""
+    from kernels.timing import matmul_rate
+    return max(nbytes / copy_ceiling(), flop / matmul_rate()) * 1e6
+
+
+def sals_pieces(cache: SALSCache, q, k, v, pos, rope) -> dict[str, float]:
+    """Microseconds of each kernel of a SALS step alone, on the step's own inputs (the cache left as it was)."""
+    from kernels.compress import compress_step
+    from kernels.latent_score import launch_latent_scores
+    from kernels.topk import select_state
+    state = {name: t.clone() for name, t in cache.named_buffers()}
+    k_rope = apply_rope(k, rope)
+    q_lat = latent_queries(cache, q, pos)
+    idx, keep = select_step(cache, q_lat, pos)
+    B, S = cache.k_lat_score.shape[:2]
+    scores, hist = poisoned(B, q_lat.shape[2], S, device=q.device), select_state(B * q_lat.shape[2], S, device=q.device)
+    times = {"compress": graph_us(lambda: compress_step(
+                 k, k_rope, v, pos, cache.U, cache.k_lat_score, cache.k_lat_rest, cache.v_q, cache.v_scale,
+                 cache.v_zero, cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits)),
+             "scores": graph_us(lambda: launch_latent_scores(cache.k_lat_score, latent_queries(cache, q, pos), pos,
+                                                             cache.n_sink, cache.window, scores, hist)),
+             "score+select": graph_us(lambda: select_step(cache, latent_queries(cache, q, pos), pos)),
+             "attention": graph_us(lambda: attention_step(cache, q, pos, idx, keep))}
+    for name, t in cache.named_buffers():
+        t.copy_(state[name])
+    return times
+
+
+HEADER = ("| shape | S | B | method | us / layer | vs best dense | bytes | floor us | % of floor | pieces: us (floor) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def bench_config(shape: str, S: int, B: int, fractions, eager: bool, reference: bool = False,
+                 variants=("layer",)) -> list[str]:
+    """One (shape, S, B) cell: every dense baseline on the same K, V, then each SALS preset's whole step (compiled,
+    one CUDA graph) and its pieces; the ratio is to the fastest dense run; floors from the bytes at the copy ceiling
+    and the FLOPs at the matmul rate, both measured in this process."""
     torch._dynamo.reset()  # each config compiles its own step: no recompile limit across configs
     H, Hkv = SHAPES[shape]
     dense = 2 * B * Hkv * S * 128 * 2
     free = torch.cuda.mem_get_info()[0]
-    if 1.3 * dense + 0.5 * dense > free:  # SDPA's K, V and the largest SALS cache (< 0.3 of dense) + slack
+    if 1.3 * dense + 0.5 * dense > free:  # K, V and the largest SALS cache (< 0.3 of dense) + slack
         return [f"| {shape} | {S} | {B} | — | does not fit ({dense / 1e9:.1f} GB dense K+V, "
-                f"{free / 1e9:.1f} GB free) | | | | |"]
+                f"{free / 1e9:.1f} GB free) | | | | | |"]
     gen = torch.Generator("cuda").manual_seed(S + B)
     q = torch.randn(B, H, 1, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     K = torch.randn(B, Hkv, S, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     V = torch.randn(B, Hkv, S, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-        t_sdpa = graph_us(lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=Hkv != H))
+    times = dense_baselines(q, K, V, torch.full((B, 1), S - 1, device="cuda"))
     del K, V
-    rows = [f"| {shape} | {S} | {B} | SDPA flash | {t_sdpa:.1f} | 1.00x | {dense / 1e6:.1f} MB | "
-            f"{dense / t_sdpa / 1e6:.2f} TB/s | |"]
-    for fraction in fractions:
-        cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, fraction, device="cuda", seed=S + B)
+    best = min(t for t in times.values() if t is not None)
+    d_floor = floor_us(dense, 0)
+    rows = [f"| {shape} | {S} | {B} | {name} | " + ("does not run | | | | | |" if t is None else
+            f"{t:.1f} | {best / t:.2f}x | {dense / 1e6:.1f} MB | {d_floor:.1f} | {d_floor / t:.0%} | |")
+            for name, t in times.items()]
+    for fraction, variant in [(f, v) for f in fractions for v in variants]:
+        cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, fraction, device="cuda", seed=S + B,
+                                                 **SELECTION_VARIANTS[variant])
+        label = f"SALS-{fraction * 100:g}% {variant}"
 
         def step():
             return cache(q, k, v, pos, rope)
-        nbytes = sals_bytes(cache, pos)
+        parts = sals_floors(cache, pos)
+        floors = {name: floor_us(*f) for name, f in parts.items()}
+        nbytes = sum(parts[n][0] for n in ("compress", "score+select", "attention"))
         with torch.no_grad():
             t_step = graph_us(step if eager else torch.compile(step, fullgraph=True))
-            t_score, t_select, t_attn = piece_us(cache, q, pos, rope)
-            rows.append(f"| {shape} | {S} | {B} | SALS-{fraction * 100:g}% | {t_step:.1f} | {t_sdpa / t_step:.2f}x | "
-                        f"{nbytes / 1e6:.1f} MB | {nbytes / t_step / 1e6:.2f} TB/s "
-                        f"({nbytes / t_step / copy_ceiling() * 1e6:.0%}) | {t_score:.1f} / {t_select:.1f} / {t_attn:.1f} |")
+            pieces = sals_pieces(cache, q, k, v, pos, rope)
+            floor = sum(floors[n] for n in ("compress", "score+select", "attention"))
+            rows.append(f"| {shape} | {S} | {B} | {label} step | {t_step:.1f} | {best / t_step:.2f}x | "
+                        f"{nbytes / 1e6:.1f} MB | {floor:.1f} | {floor / t_step:.0%} | "
+                        + ", ".join(f"{n} {pieces[n]:.1f} ({floors[n]:.1f})" for n in floors) + " |")
             if reference:  # the same step through the PyTorch reference path (gather, matmul rebuild, SDPA)
                 cache.fused = False
                 try:
                     t_ref = graph_us(step if eager else torch.compile(lambda: cache(q, k, v, pos, rope), fullgraph=True))
                 finally:
                     cache.fused = None
-                rows.append(f"| {shape} | {S} | {B} | SALS-{fraction * 100:g}% PyTorch reference | {t_ref:.1f} | "
-                            f"{t_sdpa / t_ref:.2f}x | | | |")
-        del cache
+                rows.append(f"| {shape} | {S} | {B} | {label} PyTorch reference | {t_ref:.1f} | "
+                            f"{best / t_ref:.2f}x | | | | |")
     return rows
-
-
-def warm(configs, fractions, compiled: bool) -> None:
-    """One step of each (shape, S, B) config and fraction, untimed: Triton compiles each kernel variant the config
-    needs (its constexprs follow S, B and the shape) into its on-disk cache, as does inductor for the compiled step.
-    gpu_sals.sh runs several of these processes side by side before a timing run, which then only loads them."""
-    for shape, S, B in configs:
-        H, Hkv = SHAPES[shape]
-        for fraction in fractions:
-            torch._dynamo.reset()
-            cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, fraction, device="cuda", seed=S + B)
-            with torch.no_grad():
-                (torch.compile(cache, fullgraph=True) if compiled else cache)(q, k, v, pos, rope)
-            del cache
-            torch.cuda.empty_cache()
-        print(f"warm: {shape} {S} {B}", flush=True)
-
-
-def piece_us(cache: SALSCache, q, pos, rope) -> tuple[float, float, float]:
-    """Microseconds of the scoring kernel, the selection (radix select) and the
-    fused attention (with combine), each alone."""
-    from kernels.latent_score import latent_scores
-    q_lat = cache.latent_query(q, pos)
-    s = latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)
-    idx, keep = select_step(cache, s, pos)
-    return (graph_us(lambda: latent_scores(cache.k_lat_score, q_lat, pos, cache.n_sink, cache.window)),
-            graph_us(lambda: select_step(cache, s, pos)),
-            graph_us(lambda: attention_step(cache, q, pos, idx, keep)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +291,9 @@ def check(device="cuda") -> bool:
     to bf16 in a different order than the reference), scores 1e-5 (both float32 sums of the same products)."""
     ok = True
     cases = [("llama-2-7b", 4096, 0.125, {}), ("llama-2-7b", 4096, 0.25, {}), ("mistral-7b", 32768, 0.125, {}),
-             ("mistral-7b", 8192, 0.25, dict(value_bits=16)), ("llama-2-7b", 32768, 0.125, {})]
+             ("mistral-7b", 8192, 0.25, dict(value_bits=16)), ("llama-2-7b", 32768, 0.125, {}),
+             ("mistral-7b", 32768, 0.125, SELECTION_VARIANTS["kv-head bucket"]),
+             ("llama-2-7b", 4096, 0.25, SELECTION_VARIANTS["kv-head bucket"])]
     for n, (shape, S, fraction, kw) in enumerate(cases):
         H, Hkv = SHAPES[shape]
         pos = [S - 1, S // 2 + 37, 1000, 90][:4]  # full, half, short, and no selection at all
@@ -269,21 +342,20 @@ def check_step(cache, q, k, v, input_pos, rope, compiled: bool) -> bool:
     return good
 
 
-# Launch-setting variants of the fused kernel (kernels/sals_decode.CONFIGS), timed alone by --sweep/--fast. Registers,
-# spills and shared memory: `python bench/kernel_report.py` (an offline sm_90 compile, triton 3.6; 201-255 registers,
-# the MHA 4-warp variants spill 56-88 B; shared memory 45-140 KB, GQA 64-token blocks 138-140 KB: one program per SM).
+# Launch-setting variants of the fused kernel (kernels/sals_decode.CONFIGS), timed alone by --sweep. Registers,
+# spills and shared memory of each: `python bench/kernel_report.py` (an offline sm_90 compile, no GPU needed).
 SWEEP = {
-    "mha": [dict(block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
-            dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
-            dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+    "mha": [dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
             dict(block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=2),
-            dict(block_n=64, block_r=64, split_blocks=1, num_warps=8, num_stages=3)],
-    "gqa": [dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
-            dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=2),
-            dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
-            dict(block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
-            dict(block_n=32, block_r=64, split_blocks=1, num_warps=4, num_stages=1),
-            dict(block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=3)],
+            dict(block_n=64, block_r=128, split_blocks=None, num_warps=8, num_stages=2),
+            dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=4)],
+    "gqa": [dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+            dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=2),
+            dict(block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
+            dict(block_n=32, block_r=64, split_blocks=4, num_warps=4, num_stages=3),
+            dict(block_n=16, block_r=64, split_blocks=None, num_warps=4, num_stages=4)],
 }
 
 
@@ -296,20 +368,19 @@ def sweep(shape: str, S: int, B: int) -> list[str]:
     SALS-12.5%, checks each against the reference (NaN-poisoned partials), and names the fastest correct one
     (the step itself runs kernels.sals_decode.CONFIGS). Returns markdown rows."""
     from kernels import sals_decode as sd
-    from kernels.latent_score import latent_scores
     H, Hkv = SHAPES[shape]
     family = "mha" if H == Hkv else "gqa"
     cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, 0.125, device="cuda", seed=7)
     q_rope = apply_rope(q, rope)
-    idx, keep = cache.top(latent_scores(cache.k_lat_score, cache.latent_query(q, pos), pos, cache.n_sink, cache.window), pos)
+    idx, keep = select_step(cache, latent_queries(cache, q, pos), pos)
     ref = cache.attend_selected(q_rope, torch.arange(B, device="cuda"), pos, idx, keep)
     flop = 2 * int(keep.sum()) * cache.U.numel()
     args = (q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, pos,
-            idx[:, None], keep[:, None], cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q, cache.v_scale,
+            idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q, cache.v_scale,
             cache.v_zero, cache.bits)
     rows, best = [], None
     for cfg in SWEEP[family]:
-        n = 1 + sd.split_count(idx.shape[1], B * Hkv, cfg)
+        n = 1 + sd.split_count(idx.shape[-1], B * Hkv, cfg)
         m, l = poisoned(B, H, n, device="cuda"), poisoned(B, H, n, device="cuda")
         acc = poisoned(B, H, n, q.shape[-1], device="cuda")
         out = torch.empty(B, H, q.shape[-1], dtype=q.dtype, device="cuda")  # what the step's combine kernel writes
@@ -332,40 +403,6 @@ def sweep(shape: str, S: int, B: int) -> list[str]:
         rows.append(f"| {shape} {S} B={B} | **fastest: {' '.join(f'{k}={v}' for k, v in best[1].items())}** | "
                     f"{best[0]:.1f} | | | |")
     return rows
-
-
-def fast() -> bool:
-    """One short device call: the kernels checked at two real sizes, the launch-setting sweep at one MHA and one
-    GQA shape, then SALS-12.5% (Triton and the PyTorch reference) vs SDPA at six shapes. Tables printed last."""
-    ok = True
-    for n, (shape, S) in enumerate([("llama-2-7b", 4096), ("mistral-7b", 32768)]):
-        H, Hkv = SHAPES[shape]
-        cache, q, k, v, input_pos, rope = random_cache(4, S, H, Hkv, 128, 0.125, pos=[S - 1, S // 2 + 37, 1000, 90],
-                                                       device="cuda", seed=100 + n)
-        with torch.no_grad():
-            err = kernel_errors(cache, q, k, v, input_pos, rope)
-            good = err["scores"] < 1e-5 and err["attention"] < 2e-2
-            print(f"{'ok  ' if good else 'FAIL'} {shape} S={S} SALS-12.5%: scores rel err {err['scores']:.1e}, "
-                  f"attention rel err {err['attention']:.1e}, {err['selected']} tokens selected", flush=True)
-            ok &= good and check_step(cache, q, k, v, input_pos, rope, compiled=False)
-        del cache
-    print(SWEEP_HEADER)
-    with torch.no_grad():
-        sweep_rows = sweep("llama-2-7b", 4096, 8) + sweep("mistral-7b", 32768, 8)
-    rows = []
-    for shape, S, B in [("llama-2-7b", 4096, 8), ("llama-2-7b", 4096, 16), ("llama-2-7b", 32768, 8),
-                        ("mistral-7b", 32768, 8), ("llama-2-7b", 4096, 1), ("mistral-7b", 4096, 8)]:
-        new = bench_config(shape, S, B, [0.125], eager=False, reference=True)
-        print(*new, sep="\n", flush=True)
-        rows += new
-        torch.cuda.empty_cache()
-    print(f"\ncheck: {'all ok' if ok else 'FAILED'}; {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(SWEEP_HEADER)
-    print("\n".join(sweep_rows))
-    print("\n| shape | S | B | method | us / layer | speed-up | bytes read | bandwidth | scores / select / attn us |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    print("\n".join(rows))
-    return ok
 
 
 def profile(shape: str, S: int, B: int, fraction: float = 0.125, steps: int = 20) -> None:
@@ -416,13 +453,12 @@ def main(argv=None):
     p.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--fraction", type=float, nargs="+", default=[0.25, 0.125], choices=[0.25, 0.125])
+    p.add_argument("--selection", nargs="+", default=["layer"], choices=list(SELECTION_VARIANTS),
+                   help="selection variants to time (SELECTION_VARIANTS)")
     p.add_argument("--configs", nargs="+", metavar="SHAPE:S:B", help="explicit configs instead of the grid")
     p.add_argument("--eager", action="store_true",
                    help="do not torch.compile the step (inductor fuses the new token's ~30 small write ops)")
     p.add_argument("--check", action="store_true", help="check the kernels against the reference, then exit")
-    p.add_argument("--warm", action="store_true",
-                   help="one untimed step per config and fraction (fills Triton's and inductor's on-disk caches)")
-    p.add_argument("--fast", action="store_true", help="short check, launch-setting sweep, six shapes (see fast())")
     p.add_argument("--profile", nargs="+", metavar="SHAPE:S:B", help="kernel-level times of the step (torch.profiler)")
     p.add_argument("--sweep", nargs="+", metavar="SHAPE:S:B",
                    help="time the fused kernel's launch-setting variants alone")
@@ -433,8 +469,6 @@ def main(argv=None):
         sys.exit("attention_bench.py needs a CUDA GPU (the CPU tests are tests/test_kernels.py).")
     if args.check:
         sys.exit(0 if check() else 1)
-    if args.fast:
-        sys.exit(0 if fast() else 1)
     for c in args.ncu or []:
         ncu_step(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2]))
     if args.ncu:
@@ -454,18 +488,17 @@ def main(argv=None):
             assert all(shape in SHAPES for shape, _, _ in configs)
         except (IndexError, ValueError, AssertionError):
             sys.exit(f"--configs takes SHAPE:S:B items with SHAPE in {sorted(SHAPES)}, e.g. llama-2-7b:4096:16")
-    if args.warm:
-        return warm(configs, args.fraction, compiled=not args.eager)
     rows = []
     for shape, S, B in configs:
-        new = bench_config(shape, S, B, args.fraction, args.eager)
+        new = bench_config(shape, S, B, args.fraction, args.eager, variants=args.selection)
         print(*new, sep="\n", flush=True)
         rows += new
         torch.cuda.empty_cache()
+    from kernels.timing import matmul_rate
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, one layer, us = median per step "
-          f"(CUDA graph, L2 cleared), step compiled={not args.eager}, copy ceiling {copy_ceiling() / 1e12:.2f} TB/s")
-    print("| shape | S | B | method | us / layer | speed-up | bytes read | bandwidth | scores / select / attn us |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"(CUDA graph, L2 cleared), step compiled={not args.eager}, copy ceiling {copy_ceiling() / 1e12:.2f} TB/s, "
+          f"bf16 matmul {matmul_rate() / 1e12:.0f} TFLOP/s")
+    print(HEADER)
     print("\n".join(rows))
 
 

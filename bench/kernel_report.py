@@ -1,5 +1,5 @@
 """Registers, spills and shared memory of the SALS kernels on sm_90, compiled offline (no GPU needed): the fused decode
-kernel in every launch-setting variant, then the radix select's and the split combine's kernels.
+kernel in every launch-setting variant, then the scoring, selection and split-combine kernels.
 
     python bench/kernel_report.py                 # every launch-setting variant of attention_bench.SWEEP
     python bench/kernel_report.py --ttgir out.mlir   # also writes the first variant's TTGIR (look for tt.load:
@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.attention_bench import SWEEP  # noqa: E402
-from kernels import sals_decode, topk  # noqa: E402
+from kernels import latent_score, sals_decode, topk  # noqa: E402
 
 POINTERS = dict(q_ptr="*bf16", sink_k_ptr="*bf16", sink_v_ptr="*bf16", win_k_ptr="*bf16", win_v_ptr="*bf16",
                 win_pos_ptr="*i32", pos_ptr="*i64", idx_ptr="*i64", keep_ptr="*i1", kls_ptr="*bf16", klr_ptr="*bf16",
@@ -33,28 +33,32 @@ SHAPES = {"mha": dict(G=1, RS=256, RR=256), "gqa": dict(G=4, RS=64, RR=64)}
 
 
 # the other kernels of a step at Mistral-7B 32K, B=8 (S = 32768 + 32, k = 4020, 65 splits), with the constexprs
-# kernels/topk.launch_select and sals_decode.launch_combine derive: kernel, pointer types, constexprs
+# kernels/latent_score, kernels/topk.launch_select and sals_decode.launch_combine derive: kernel, pointer types,
+# constexprs. Scoring: one query per layer, and one per KV head and distance bucket (10 buckets, padded to 16).
 S, K, N_SPLIT = 32800, 4020, 65
-N_CHUNK = triton.cdiv(S, topk.CHUNK)
-SELECT = dict(S=S, K=K, CHUNK=topk.CHUNK)
-OTHERS = [(topk._histogram_kernel, dict(s_ptr="*fp32", n_ptr="*i32", hist_ptr="*i32"), dict(SELECT, PASS=p))
-          for p in range(4)] + [
-    (topk._count_kernel, dict(s_ptr="*fp32", n_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32"),
-     dict(SELECT, N_CHUNK=N_CHUNK)),
-    (topk._write_kernel, dict(s_ptr="*fp32", n_ptr="*i32", hist_ptr="*i32", cnt_ptr="*i32", idx_ptr="*i64",
-                              keep_ptr="*i1"),
-     dict(SELECT, N_CHUNK=N_CHUNK, N_POW=triton.next_power_of_2(N_CHUNK), K_PER=triton.cdiv(K, N_CHUNK))),
+NC = triton.cdiv(S, topk.CHUNK)
+SCORE_POINTERS = dict(k_ptr="*bf16", q_ptr="*bf16", pos_ptr="*i64", out_ptr="*fp32", hist_ptr="*i32")
+OTHERS = [
+    (latent_score._latent_score_kernel, SCORE_POINTERS,
+     dict(RS=64, NB=1, NQ=1, NBP=1, NQP=1, BLOCK_S=32, BLOCK_R=64, DOT=False, PREC="tf32")),
+    (latent_score._latent_score_kernel, SCORE_POINTERS,
+     dict(RS=64, NB=10, NQ=8, NBP=16, NQP=8, BLOCK_S=32, BLOCK_R=64, DOT=True, PREC="tf32")),
+    (topk._select_kernel, dict(s_ptr="*fp32", st_ptr="*i32", budget_ptr="*i32", idx_ptr="*i64", keep_ptr="*i1"),
+     dict(NC=NC, NC_P=triton.next_power_of_2(NC), CHUNK=topk.CHUNK, K_PER=triton.cdiv(K, NC),
+          K_PER_P=triton.next_power_of_2(triton.cdiv(K, NC)))),
     (sals_decode._combine_kernel, dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*bf16"),
      dict(N=N_SPLIT, N_P=triton.next_power_of_2(N_SPLIT), HD=128, BLOCK=16))]
 
 
 def compile_sm90(cfg: dict, G: int, RS: int, RR: int):
     """The fused kernel compiled for sm_90 with launch settings cfg (as in sals_decode.CONFIGS)."""
-    consts = dict(qk_scale=128 ** -0.5 * math.log2(math.e), G=G, HD=128, N_SINK=16, W=64, RS=RS, RR=RR, BITS=2,
-                  TPS=4 * cfg["block_n"], HEADS=cfg["heads"], BLOCK_Q=max(16, triton.next_power_of_2(cfg["heads"] * G)),
-                  BLOCK_N=cfg["block_n"], BLOCK_R=sals_decode.latent_block(RS, RR, cfg["block_r"]), PREC="tf32")
-    return compile_kernel(sals_decode._sals_decode_kernel, POINTERS, consts, cfg["num_warps"], cfg["num_stages"],
-                          aligned_ints=("R",))
+    one_shot = max(RS, RR) <= cfg["block_r"]
+    consts = dict(qk_scale=128 ** -0.5 * math.log2(math.e), HKV=32 // G, NQ=1, G=G, HD=128, N_SINK=16, W=64, RS=RS,
+                  RR=RR, BITS=2, TPS=4 * cfg["block_n"], BLOCK_Q=max(16, triton.next_power_of_2(G)),
+                  BLOCK_N=cfg["block_n"], ONE_SHOT=one_shot, PREC="tf32",
+                  BLOCK_R=max(16, triton.next_power_of_2(max(RS, RR))) if one_shot else
+                  sals_decode.latent_block(RS, RR, cfg["block_r"]))
+    return compile_kernel(sals_decode._sals_decode_kernel, POINTERS, consts, cfg["num_warps"], cfg["num_stages"])
 
 
 def compile_kernel(fn, pointers: dict, consts: dict, num_warps: int = 4, num_stages: int = 3, aligned_ints=()):

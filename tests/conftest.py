@@ -1,3 +1,4 @@
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -6,6 +7,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data"
+
+
+def pytest_configure(config):
+    # Hugging Face's `kernels` distribution (transformers >= 5.25 depends on it) has the import name of our
+    # kernels/ package; transformers would import ours in its place and fail far from the cause.
+    try:
+        version = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    raise pytest.UsageError(
+        f"the Hugging Face 'kernels' distribution ({version}) is installed and shadows this repository's "
+        "kernels/ package when transformers imports it. The tests pin a transformers that does not need it: "
+        "pip uninstall kernels && pip install -r requirements-dev.txt")
 
 
 @pytest.fixture(scope="session")

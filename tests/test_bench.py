@@ -51,20 +51,24 @@ def sals_bytes(B: int, S: int, rank: int, bits: int, Hkv: int = 2, Dh: int = 32)
 
 
 def test_methods_table():
-    """One row per method and prompt, positive timings, the speed-up and tokens/s columns consistent with the step
-    times, and the KV-cache column counting every buffer of the caches allocated (prompt + steps long)."""
-    rows = table(run_bench("--shape", "tiny", "--method", "dense", "sals-25", "sals-12.5", "--prompt", "300", "1024",
-                           "--batch", "2", "--steps", "4", "--graph"))
-    methods = ("dense", "sals-25", "sals-12.5")
+    """One row per method and prompt, positive timings, the speed-up column the ratio to the faster of the two dense
+    rows (and naming it), tokens/s consistent with the step times, and the KV-cache column counting every buffer
+    of the caches allocated (prompt + steps long)."""
+    rows = table(run_bench("--shape", "tiny", "--method", "dense", "dense-masked", "sals-25", "sals-12.5", "--prompt",
+                           "300", "1024", "--batch", "2", "--steps", "4", "--graph"))
+    methods = ("dense", "dense-masked", "sals-25", "sals-12.5")
     assert [row[1:4] for row in rows] == [[p, m, "2"] for p in ("300", "1024") for m in methods]
     for prompt in (300, 1024):
-        dense, *sals = [row for row in rows if row[1] == str(prompt)]
-        expected = [dense_bytes(2, prompt + 4), sals_bytes(2, prompt + 4, 16, 4), sals_bytes(2, prompt + 4, 8, 2)]
-        d = float(dense[4])
-        for row, kv in zip([dense, *sals], expected):
+        dense, masked, *sals = [row for row in rows if row[1] == str(prompt)]
+        expected = [dense_bytes(2, prompt + 4), dense_bytes(2, prompt + 4), sals_bytes(2, prompt + 4, 16, 4),
+                    sals_bytes(2, prompt + 4, 8, 2)]
+        fastest = min((dense, masked), key=lambda row: float(row[4]))
+        d = float(fastest[4])
+        for row, kv in zip([dense, masked, *sals], expected):
             ms, e = float(row[4]), 0.005  # printed with two decimals
             assert ms > 0 and 2e3 / (ms + e) - 0.05 <= float(row[5]) <= 2e3 / (ms - e) + 0.05  # tokens/s
-            assert (d - e) / (ms + e) - e <= float(row[6].rstrip("x")) <= (d + e) / (ms - e) + e  # speed-up
+            ratio, name = row[6].split("x ")
+            assert (d - e) / (ms + e) - e <= float(ratio) <= (d + e) / (ms - e) + e and name == f"({fastest[2]})"
             assert float(row[8].removesuffix(" GB")) == pytest.approx(kv / 1e9, rel=1e-2)
 
 
@@ -74,7 +78,7 @@ def test_max_batch_table():
                            "--max_batch_limit", "3", "--steps", "2"))
     assert [row[2:4] for row in rows] == [["dense", "3 (largest)"], ["sals-12.5", "3 (largest)"]]
     assert all(float(row[4]) > 0 for row in rows)
-    assert rows[0][7] == "1.00x (dense: batch 3)"
+    assert rows[0][7] == "1.00x (dense: batch 3)" and rows[0][6] == "1.00x (dense)"
 
 
 @pytest.mark.parametrize("flags, words", [

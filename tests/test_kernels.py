@@ -100,7 +100,8 @@ def check_decode_kernel_per_kv_head_selection(one_shot):
     the kernel attends each head's own tokens, as the reference does (float32, 1e-5)."""
     cfg = dict(block_n=16, block_r=32 if one_shot else 16, split_blocks=None, num_warps=1, num_stages=1)
     cache, *step = random_cache(2, 200, 8, 2, 64, pos=[199, 90], dtype=torch.float32, seed=11, sink=4, window=8,
-                                sparsity=0.25, rank=40, score_dims=24, value_bits=2, selection="kv-head")
+                                sparsity=0.25, min_tokens=0, rank=40, score_dims=24, value_bits=2,
+                                selection="kv-head")
     err = kernel_errors(cache, *step, cfg=cfg)
     assert err["selected"] == 2 * ((50 - 12) + (22 - 12)) and err["attention"] < 1e-5, err
 

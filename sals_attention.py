@@ -282,8 +282,7 @@ class SALSCache(nn.Module):
                 rows: Tensor | None = None) -> Tensor:
         """q (b, H, T, Dh), k, v (b, Hkv, T, Dh) pre-RoPE; input_pos (b, T); rows (b,) or None (all rows).
         Returns (b, H, T, Dh). T > 1 is a prefill chunk; T == 1 is the SALS decode step below: fused Triton kernels
-        on CUDA for all rows with layer selection, else (rows, the oracle, kv-head selection, bucket-rope ranking,
-        whose several latent queries the scoring kernel does not take) this PyTorch reference.
+        for all rows on CUDA (fused=None) or wherever fused=True, else this PyTorch reference.
         With kv-head selection, idx and keep are (b, Hkv, k_max) and each KV head attends its own tokens."""
         b = torch.arange(q.shape[0], device=q.device) if rows is None else rows
         k_rope = apply_rope(k, rope)

@@ -1,5 +1,6 @@
 """SALS cache (sals_attention.py) against dense attention, float64 brute force and hand-counted bytes."""
 import math
+import struct
 
 import pytest
 import torch
@@ -200,9 +201,20 @@ def brute_selection(cfg: SALSConfig, q, pos: int, hist, U) -> set[int]:
         return pre_rope(j) if cfg.ranking == "pre-rope" else mean_logit(j)
     n = max(n_total(cfg, pos) - cfg.sink - cfg.window, 0)
     if cfg.ranking == "hybrid":  # half by pre-rope, the rest by bucket-rope among the others
-        first = sorted(cands, key=pre_rope, reverse=True)[:n // 2]
-        return set(first) | set(sorted(set(cands) - set(first), key=mean_logit, reverse=True)[:n - n // 2])
-    return set(sorted(cands, key=score, reverse=True)[:n])
+        first = best(cands, pre_rope, n // 2)
+        return set(first) | set(best(set(cands) - set(first), mean_logit, n - n // 2))
+    return set(best(cands, score, n))
+
+
+def best(cands, score, n: int) -> list[int]:
+    """The n candidates SALS's selection rule ranks first: the larger score truncated (toward zero) to bfloat16's
+    8 significant bits after rounding to float32, and among equal truncations -0.0 after 0.0 and the earlier
+    position first."""
+    def key(j):
+        bits = struct.unpack("<I", struct.pack("<f", score(j)))[0] & 0xFFFF0000
+        t = struct.unpack("<f", struct.pack("<I", bits))[0]
+        return (-t, bits >> 31, j)
+    return sorted(cands, key=key)[:max(n, 0)]
 
 
 def n_total(cfg: SALSConfig, pos: int) -> int:
@@ -471,7 +483,7 @@ def test_kv_head_selection_equals_brute_force_per_head(heads):
                 score = {j: float(q_h @ hist[i][j][0][h]) for j in range(3, p - 5 + 1)}
                 sel = idx[i, h][keep[i, h]].tolist()
                 assert len(sel) == len(set(sel))
-                assert set(sel) == set(sorted(score, key=score.get, reverse=True)[:max(n, 0)])
+                assert set(sel) == set(best(score, score.get, n))
                 chosen.append(set(sel))
                 attended = sinks + window + sel
                 assert len(set(attended)) == len(attended) == max(math.floor(0.3 * (p + 1)), min(p + 1, 8))
@@ -508,20 +520,28 @@ def test_kv_head_selection_with_one_kv_head_is_the_layer_selection(ranking):
         torch.testing.assert_close(y_h, y_l, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("override", [dict(selection="kv-head"), dict(ranking="bucket-rope"), dict(ranking="hybrid")])
-def test_kv_head_selection_never_takes_the_fused_path(monkeypatch, override):
-    """The Triton decode step selects one set per layer with one latent query: with kv-head selection or the
-    bucket-rope ranking (a query per distance bucket) forward must stay on the reference path even where the fused
-    one is forced; with the defaults it is taken (so the check can fail)."""
+@pytest.mark.parametrize("override,refused", [
+    (dict(), None), (dict(selection="kv-head"), None), (dict(ranking="bucket-rope"), None),
+    (dict(selection="kv-head", ranking="bucket-rope"), None), (dict(ranking="expected-rope"), None),
+    (dict(ranking="hybrid"), "hybrid ranking has no GPU kernel"), (dict(selector="oracle"), "oracle selector")])
+def test_the_fused_path_runs_what_users_run_and_refuses_the_rest(monkeypatch, override, refused):
+    """Where the fused step is asked for, every configuration users run takes it (per-layer or per-KV-head
+    selection, any ranking with a kernel), and the evaluation variants are refused with a message rather than run
+    through the slow reference; so is a decode of a subset of rows."""
     def fused_decode(*args):
         raise RuntimeError("fused path taken")
     monkeypatch.setattr(SALSCache, "fused_decode", fused_decode)
     args, U = layer_args(), orthonormal(16, torch.Generator().manual_seed(3))
-    feed_layer(SALSConfig(rank=12, value_bits=16, sink=2, window=4, **override), args, [20], 3, U,
-               lambda *a: None, fused=True)
-    with pytest.raises(RuntimeError, match="fused"):
-        feed_layer(SALSConfig(rank=12, value_bits=16, sink=2, window=4), args, [20], 3, U, lambda *a: None,
-                   fused=True)
+    cfg = SALSConfig(rank=12, value_bits=16, sink=2, window=4, **override)
+    with pytest.raises(ValueError if refused else RuntimeError, match=refused or "fused path taken"):
+        feed_layer(cfg, args, [20], 3, U, lambda *a: None, fused=True)
+    cache = feed_layer(SALSConfig(rank=12, value_bits=16, sink=2, window=4), args, [20, 20], 0, U, lambda *a: None,
+                       fused=True)
+    q = torch.zeros(1, args.n_head, 1, args.head_dim, dtype=torch.float64)
+    kv = torch.zeros(1, args.n_kv_head, 1, args.head_dim, dtype=torch.float64)
+    table = rope_table(args, 64).double()
+    with pytest.raises(ValueError, match="subset of rows"):
+        cache(q, kv, kv, torch.tensor([[20]]), table[torch.tensor([[20]])], torch.tensor([1]))
 
 
 # ---------------------------------------------------------------------------------------------

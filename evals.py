@@ -428,10 +428,12 @@ def passkey(model: Transformer, calib: dict | None, tokenizer, haystack: list[in
 
 def passkey_accuracy(records: list[dict], methods: list[str], contexts: list[int], depths: list[float],
                      trials: int) -> dict:
-    """Per method: the share of keys found overall and per "context/depth" cell."""
+    """Per method: the share of keys found overall and per "context/depth" cell (over the cell's records, so
+    merged runs with different trials per cell count right; an empty cell is 0)."""
+    cell = lambda m, c, d: [r["found"][m] for r in records if (r["context"], r["depth"]) == (c, d)]  # noqa: E731
     return {m: {"overall": sum(r["found"][m] for r in records) / len(records),
-                "cells": {f"{c}/{d}": sum(r["found"][m] for r in records if (r["context"], r["depth"]) == (c, d))
-                          / trials for c in contexts for d in depths}} for m in methods}
+                "cells": {f"{c}/{d}": sum(cell(m, c, d)) / max(1, len(cell(m, c, d)))
+                          for c in contexts for d in depths}} for m in methods}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,9 +552,11 @@ def ruler(model: Transformer, calib: dict | None, tokenizer, haystack: list[int]
 
 
 def ruler_scores(records: list[dict], methods: list[str], tasks: list[str], contexts: list[int], samples: int) -> dict:
-    """Per method: the mean score per "task/context" cell."""
-    return {m: {f"{t}/{c}": sum(r["score"][m] for r in records if (r["task"], r["context"]) == (t, c)) / samples
-                for t in tasks for c in contexts} for m in methods}
+    """Per method: the mean score per "task/context" cell (over the cell's records, so merged runs with different
+    samples per cell count right; an empty cell is 0)."""
+    cell = lambda m, t, c: [r["score"][m] for r in records if (r["task"], r["context"]) == (t, c)]  # noqa: E731
+    return {m: {f"{t}/{c}": sum(cell(m, t, c)) / max(1, len(cell(m, t, c))) for t in tasks for c in contexts}
+            for m in methods}
 
 
 # ---------------------------------------------------------------------------------------------

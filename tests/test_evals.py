@@ -301,6 +301,7 @@ def test_head_topk_cache_attends_each_heads_own_top_tokens(min_tokens):
     and that head's own top-n_b candidates by its post-RoPE logits summed over its query heads; two rows at
     different positions, heads that choose different tokens. min_tokens 120: the row at 60 attends every token
     (fewer candidates than the top-k width), the one at 150 120 tokens."""
+    from kernels.ranking import ranking_key
     from model import apply_rope, rope_table
     from sals_attention import SALSConfig
     torch.manual_seed(0)
@@ -326,7 +327,9 @@ def test_head_topk_cache_attends_each_heads_own_top_tokens(min_tokens):
         for h in range(Hkv):
             qs = q_rope[b, h * 2:(h + 1) * 2]  # (G, Dh)
             summed = {j: float(qs.sum(0) @ kc[b, h, j]) for j in range(cfg.sink, p - cfg.window + 1)}
-            top = sorted(summed, key=summed.get, reverse=True)[:n_b]
+            # the selection rule (kernels.ranking): scores cut to bfloat16 precision, ties to the earliest position
+            key = {j: int(ranking_key(torch.tensor(x, dtype=torch.float32))) for j, x in summed.items()}
+            top = sorted(summed, key=lambda j: (key[j], j))[:n_b]
             chosen.append(set(top))
             keys = list(range(cfg.sink)) + list(range(p - cfg.window + 1, p + 1)) + top
             for g in range(2):
@@ -465,3 +468,16 @@ def test_merge_results_pools_parts():
     assert len(merged["seconds"]) == 2
     with pytest.raises(ValueError, match="same methods"):
         evals.merge_results([part([1024], [True], [1.0]), dict(part([1024], [True], [1.0]), methods=["dense"])])
+
+
+def test_merge_results_scores_parts_of_different_sizes():
+    """A part with 2 samples per cell and one with 1: each cell's mean is over its own records."""
+    def part(context, found):
+        recs = [{"context": context, "depth": 0.5, "found": {"dense": f}} for f in found]
+        rrecs = [{"task": "t", "context": context, "score": {"dense": float(f)}} for f in found]
+        return {"methods": ["dense"], "seconds": {}, "costs": {"context": context},
+                "passkey": {"contexts": [context], "depths": [0.5], "trials": len(found), "records": recs},
+                "ruler": {"contexts": [context], "tasks": ["t"], "samples": len(found), "records": rrecs}}
+    merged = evals.merge_results([part(1024, [True, False]), part(2048, [True])])
+    assert merged["passkey"]["accuracy"]["dense"]["cells"] == {"1024/0.5": 0.5, "2048/0.5": 1.0}
+    assert merged["ruler"]["score"]["dense"] == {"t/1024": 0.5, "t/2048": 1.0}

@@ -11,7 +11,7 @@ against dense. Results: EVAL.md and eval_results/.
 Methods (a method = a name, a base and SALSConfig overrides; the non-dense ones share sparsity, sinks, window and
 dense layers unless a method overrides them, so they attend the same budget):
   dense       model.KVCache in every layer
-  sals-25     SALSConfig.preset(0.25): latent rank D/4, 4-bit values
+  sals-25     SALSConfig.preset(0.25): latent rank D/4, 4-bit values (the default: kv-head selection, bucket-rope)
   sals-12.5   SALSConfig.preset(0.125): latent rank D/8, 2-bit values
   oracle      exact top-k by the true post-RoPE logits, full-rank keys, 16-bit values (SALS's ceiling)
   oracle-head the same, but each KV head its own top-k (the ceiling of per-head selection)
@@ -62,11 +62,11 @@ SHARED_FIELDS = ("sparsity", "sink", "window", "dense_layers", "min_tokens", "bu
 # budget alone (the presets' min_tokens raises it on short prompts).
 CANDIDATES = {
     f"sals-{p}-{name}": (f"sals-{p}", o) for p in ("25", "12.5") for name, o in [
-        ("paper", {"min_tokens": 0}),
-        ("kvhead", {"selection": "kv-head"}),
-        ("bucket", {"ranking": "bucket-rope"}),
+        ("paper", {"min_tokens": 0, "selection": "layer", "ranking": "pre-rope"}),
+        ("kvhead", {"selection": "kv-head", "ranking": "pre-rope"}),
+        ("bucket", {"selection": "layer", "ranking": "bucket-rope"}),
         ("kvbucket", {"selection": "kv-head", "ranking": "bucket-rope"}),
-        ("hybrid", {"ranking": "hybrid"}),
+        ("hybrid", {"selection": "layer", "ranking": "hybrid"}),
         ("kvhybrid", {"selection": "kv-head", "ranking": "hybrid"}),
     ]}
 

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # --dtype choices: model.DTYPES, named before torch is imported
-SALS_RANKINGS = ("pre-rope", "expected-rope", "bucket-rope")  # sals_attention.RANKINGS (checked equal in the tests)
-SALS_SELECTIONS = ("layer", "kv-head")  # sals_attention.SELECTIONS
+# sals_attention's RANKINGS and SELECTIONS that users run (the others are evaluation variants: evals.py)
+SALS_RANKINGS = ("pre-rope", "bucket-rope")
+SALS_SELECTIONS = ("layer", "kv-head")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,8 +47,11 @@ def parse_args(argv=None):
                    help="tensor-parallel ranks, checked against torchrun's process count (tp.py; default: that count)")
     s = p.add_argument_group("SALS compressed KV cache (see docs/sals.md)")
     s.add_argument("--sals", type=float, choices=[0.25, 0.125], default=None,
-                   help="preset: latent rank D/4 with 4-bit values, or D/8 with 2-bit values; sparsity 1/8, "
-                        "16 sinks, 64-token window, layers 0, 1 and last dense")
+                   help="preset: latent rank D/4 with 4-bit values, or D/8 with 2-bit values; sparsity 1/8 with at "
+                        "least 512 tokens attended, 16 sinks, 64-token window, layers 0, 1 and last dense; one "
+                        "selection per KV head, ranked with RoPE's mean rotation per distance bucket (EVAL.md)")
+    s.add_argument("--sals_paper", action="store_true", default=None,
+                   help="the paper's selection instead: one pre-RoPE ranking per layer, no minimum budget")
     s.add_argument("--sals_sparsity", type=float, help="attended share of the context, sinks and window included")
     s.add_argument("--sals_rank", type=int, help="latent rank r (overrides the preset's fraction)")
     s.add_argument("--sals_score_dims", type=int, help="latent coordinates used to rank tokens (default r/2)")
@@ -56,12 +60,11 @@ def parse_args(argv=None):
     s.add_argument("--sals_window", type=int, help="most recent tokens always attended at full precision")
     s.add_argument("--sals_dense_layers", type=str, help="comma-separated layer ids that keep a dense cache")
     s.add_argument("--sals_ranking", choices=SALS_RANKINGS,
-                   help="how tokens are ranked: by the RoPE-free q.k (the paper), with q rotated by RoPE's mean "
-                        "rotation over the candidates' distances, or by that mean per distance bucket [64 2^i, "
-                        "64 2^(i+1)) (bucket-rope: PyTorch path only, also on a GPU); default: the preset's")
+                   help="how tokens are ranked: by the RoPE-free q.k (the paper), or with q rotated by RoPE's mean "
+                        "rotation per distance bucket [64 2^i, 64 2^(i+1)) (default)")
     s.add_argument("--sals_selection", choices=SALS_SELECTIONS,
                    help="one top-k per layer, shared by its heads (the paper), or one per KV head, each ranking with "
-                        "its own query heads (PyTorch path only, also on a GPU; default: the preset's)")
+                        "its own query heads (default)")
     s.add_argument("--sals_calib", type=Path, help="calibration file (default: <checkpoint>/sals_calib.pt)")
     s.add_argument("--sals_always", action="store_true", default=None,
                    help="on a GPU, use SALS even where it was measured slower than the dense cache (by default the "
@@ -306,7 +309,7 @@ def sals_setup(args, model: Transformer, default_model: bool):
     from sals_attention import setup_sals
     names = ("sparsity", "rank", "score_dims", "value_bits", "sink", "window", "dense_layers", "ranking", "selection")
     overrides = {n: getattr(args, "sals_" + n) for n in names if getattr(args, "sals_" + n) is not None}
-    cfg = SALSConfig.preset(args.sals, **overrides)
+    cfg = SALSConfig.preset(args.sals, paper=bool(args.sals_paper), **overrides)
     world = 1 if model.tp is None else model.tp.world
     path = args.sals_calib or default_path(args.checkpoint, world)
     with rank_zero_first():  # under tensor parallelism, rank 0 calibrates and the others read its file
@@ -339,23 +342,14 @@ def sals_setup(args, model: Transformer, default_model: bool):
 
 def sals_on_gpu(a: ModelArgs, cfg: SALSConfig, B: int, S: int, free: int, elem_bytes: int = 2) -> tuple[bool, str]:
     """Whether SALS caches (cfg resolved) should replace dense ones on a GPU with `free` bytes free, for B sequences
-    of S tokens (dense elements of elem_bytes), and why. The rule is the measurements' (BENCHMARKS.md, H200, whole
-    model, batch 8, 4K-32K tokens): SALS decodes faster than the dense cache for GQA models from 4K tokens (Mistral-7B:
-    1.21x / 1.24x at 4K up to 1.92x / 2.16x at 32K, SALS-25% / 12.5%); for MHA models only with SALS-12.5%'s rank and
-    2-bit values, from 8K tokens (Llama-2-7B: 1.08x at 8K, 1.12x at 16K; 0.98x at 4K; SALS-25% 0.66-0.76x).
-    Batches under 8 were not measured end to end (one SALS layer at batch 1 is 0.31-0.84x of SDPA), so they stay
-    dense. Otherwise SALS is used only when the dense cache would not fit in free GPU memory."""
-    D = a.n_kv_head * a.head_dim
-    lean = cfg.rank <= D // 8 and cfg.value_bits <= 2  # SALS-12.5%'s settings, or leaner
-    if B >= 8 and ((a.n_kv_head < a.n_head and S >= 4096) or (lean and S >= 8192)):
-        return True, f"{'GQA' if a.n_kv_head < a.n_head else 'MHA'} at {S} tokens and batch {B}, where it was " \
-                     f"measured faster than dense (BENCHMARKS.md)"
-    dense = 2 * a.n_layer * B * S * D * elem_bytes
+    of S tokens (dense elements of elem_bytes), and why. SALS's decode step has not been measured faster than the
+    engine's dense split-KV kernel (BENCHMARKS.md), so it is used for its memory: when the dense cache would not
+    fit in free GPU memory."""
+    dense = 2 * a.n_layer * B * S * a.n_kv_head * a.head_dim * elem_bytes
     if dense > 0.9 * free:
         return True, f"a dense cache ({dense / 1e9:.1f} GB) would not fit in free GPU memory ({free / 1e9:.1f} GB)"
-    return False, (f"the dense cache ({dense / 1e9:.1f} GB) fits, and SALS was not measured faster than it here: "
-                   f"below batch 8, below 4K tokens (GQA) or 8K (MHA, SALS-12.5%), or at MHA with these settings "
-                   f"(BENCHMARKS.md)")
+    return False, (f"the dense cache ({dense / 1e9:.1f} GB) fits, and SALS's decode step was not measured faster "
+                   f"than the dense kernel (BENCHMARKS.md)")
 
 
 def read_prompt(spec: str, tokenizer, chat: bool, vocab_size: int, gen: torch.Generator) -> list[int]:

@@ -2,10 +2,11 @@
 
 Keys are kept only as low-rank latents of the pre-RoPE keys (all KV heads concatenated, projected on
 the calibrated basis U); values are quantized per token in groups of 32. A decode step ranks every
-compressed token with a latent dot product (RoPE-free as in the paper, or with RoPE's mean rotation over
-the candidates' distances: `ranking`), keeps the top ones within the budget, rebuilds
-only those keys, rotates them at their original positions and attends over sinks + window + selected.
-Plain PyTorch, the reference for CPU and GPU; the decode step has static shapes and no host sync.
+compressed token with a latent dot product (RoPE-free as in the paper, or with RoPE's mean rotation per
+distance bucket: `ranking`), keeps the top ones within the budget (one set per layer, or per KV head:
+`selection`), rebuilds only those keys, rotates them at their original positions and attends over
+sinks + window + selected. This file is the PyTorch reference, which runs anywhere; on CUDA the same step
+runs in the Triton kernels of kernels/ (fused_decode). Static shapes, no host sync.
 
     cfg = setup_sals(model, batch_size, max_seq_length, SALSConfig.preset(0.125),
                      calibrate.load_calibration(path, model))
@@ -55,13 +56,17 @@ class SALSConfig:
     selection: str = "layer"  # one of SELECTIONS; "layer" is the paper's
 
     @classmethod
-    def preset(cls, fraction: float, **overrides) -> "SALSConfig":
-        """The paper's settings: SALS-25% (4-bit values) and SALS-12.5% (2-bit values)."""
+    def preset(cls, fraction: float, paper: bool = False, **overrides) -> "SALSConfig":
+        """SALS-25% (latent rank D/4, 4-bit values) and SALS-12.5% (D/8, 2-bit values) at sparsity 1/8. The
+        project's default selects per KV head and ranks by RoPE's mean rotation per distance bucket, the most
+        accurate configuration at the same memory (EVAL.md); paper=True is the paper's method: one pre-RoPE ranking
+        per layer and the proportional budget alone (no minimum)."""
         bits = {0.25: 4, 0.125: 2}.get(fraction)
         if bits is None:
             raise ValueError(f"no SALS preset {fraction!r}: the presets are 0.25 and 0.125; build "
                              f"SALSConfig(rank_fraction=..., value_bits=...) for other settings.")
-        return replace(cls(rank_fraction=fraction, value_bits=bits), **overrides)
+        choice = dict(min_tokens=0) if paper else dict(ranking="bucket-rope", selection="kv-head")
+        return replace(cls(rank_fraction=fraction, value_bits=bits), **{**choice, **overrides})
 
     def resolve(self, args: ModelArgs, r_max: int) -> "SALSConfig":
         """A copy with rank, score_dims and dense_layers made concrete for this model; r_max: how many

@@ -31,7 +31,8 @@ from sals_attention import GROUP, SALSCache, SALSConfig  # noqa: E402
 SHAPES = {"llama-2-7b": (32, 32), "mistral-7b": (32, 8)}  # (query heads, KV heads); head_dim 128
 # How a SALS step selects: the paper's one ranking per layer, or one per KV head with a latent query per distance
 # bucket (what the kernels run for the accuracy-chosen configurations)
-SELECTION_VARIANTS = {"layer": {}, "kv-head bucket": dict(selection="kv-head", ranking="bucket-rope")}
+SELECTION_VARIANTS = {"layer": dict(selection="layer", ranking="pre-rope"),  # the paper's
+                      "kv-head bucket": dict(selection="kv-head", ranking="bucket-rope")}  # the default
 
 
 # ---------------------------------------------------------------------------------------------

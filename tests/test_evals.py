@@ -204,7 +204,7 @@ def test_define_methods_on_the_command_line():
                           "--methods", "dense", "kv48", "sals-12.5-bucket", "--ranking", "bucket-rope"])
     assert [(m.name, m.base, m.overrides) for m in a.methods] == [
         ("dense", "dense", {}), ("kv48", "sals-25", {"selection": "kv-head", "dense_layers": (0, 29)}),
-        ("sals-12.5-bucket", "sals-12.5", {"ranking": "bucket-rope"})]
+        ("sals-12.5-bucket", "sals-12.5", {"selection": "layer", "ranking": "bucket-rope"})]
     cfg = evals.method_config(a.methods[1], 1024, {"ranking": a.ranking})
     assert (cfg.selection, cfg.ranking, cfg.dense_layers, cfg.rank_fraction) == ("kv-head", "bucket-rope", (0, 29), 0.25)
     for bad in (["--define", "x", "sals-25", '{"colour": 1}'], ["--define", "x", "h2o", "{}"],
@@ -442,13 +442,13 @@ def test_decode_cost_counts_what_kv_memory_counts():
     assert dense["bytes"] == dense["bytes_read"] == kv_memory.cache_bytes(args, 1, 8192, None)
     assert dense["flops"] == 30 * 4 * 9 * 64 * 8192
     for f in (0.25, 0.125):
-        c = evals.decode_cost(args, SALSConfig.preset(f), 8192, 192)
+        c = evals.decode_cost(args, SALSConfig.preset(f, paper=True), 8192, 192)
         assert c["bytes"] == kv_memory.cache_bytes(args, 1, 8192, SALSConfig.preset(f))
         assert c["bytes_read"] < dense["bytes_read"] / 2
         r = round(192 * f)  # hand count: compress, latent query, 8112 scores, rebuild 944 keys, attend 1024 tokens
         per_layer = 2 * 192 * r + 2 * 192 * (r // 2) + 2 * (r // 2) * 8112 + 2 * r * 192 * 944 + 4 * 9 * 64 * 1024
         assert c["flops"] == 3 * 4 * 9 * 64 * 8192 + 27 * per_layer  # more than dense: rebuilding is 2 r D per key
-        kv = evals.decode_cost(args, SALSConfig.preset(f, selection="kv-head"), 8192, 192)
+        kv = evals.decode_cost(args, SALSConfig.preset(f, paper=True, selection="kv-head"), 8192, 192)
         assert kv["bytes"] == c["bytes"] and kv["bytes_read"] > c["bytes_read"]
 
 

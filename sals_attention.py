@@ -132,7 +132,7 @@ def bucket_rotations(inv_freq: Tensor, input_pos: Tensor, sink: int, window: int
     n = 1, d uniform on window..pos - sink. Tensor ops only: no host sync, static shapes."""
     lo = window * 2.0 ** torch.arange(n, dtype=torch.float64, device=input_pos.device)  # (n,)
     last = (input_pos - sink).double().clamp(min=window)  # (b, 1)
-    hi = torch.cat([lo[1:] - 1, lo.new_tensor([math.inf])]).minimum(last)  # (b, n)
+    hi = torch.cat([lo[1:] - 1, torch.full_like(lo[:1], math.inf)]).minimum(last)  # (b, n)
     return mean_rotation(inv_freq, lo.minimum(hi), hi)  # empty buckets (lo > last) rank nothing: any table
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device calls (one NVIDIA GPU, < 10 min each): `bash bench/gpu.sh MODE...` runs each mode in turn; logs in $OUT, every
 # table printed again at the end. Each step has its own time limit, so a slow one leaves the others their time.
-#   kernels   the SALS kernels and the whole step against the PyTorch reference at real sizes; the dense split-KV
-#             kernel's launch settings against SDPA flash (correctness included); scoring + selection micro-benchmarks
+#   check     the SALS kernels and the whole step against the PyTorch reference at real sizes
+#   dense     the dense split-KV kernel's launch settings against SDPA flash (correctness included)
+#   select    scoring + selection micro-benchmarks
 #   layer     one layer, SALS-12.5% and 25% (per-layer and per-KV-head bucket selection) against every dense
 #             baseline at the cells of the SALS-floor issue's targets, eager steps in CUDA graphs
 #   sweep     the fused SALS kernel's launch settings alone (bench/attention_bench.py SWEEP)
@@ -20,10 +21,9 @@ step() { local limit=$1 log=$2; shift 2; echo "== $* (limit ${limit}s)"
 targets=(mistral-7b:32768:8 mistral-7b:32768:16 mistral-7b:4096:8 mistral-7b:4096:16 llama-2-7b:4096:16
          llama-2-7b:4096:8 llama-2-7b:32768:8 llama-2-7b:8192:1 llama-2-7b:32768:1 mistral-7b:32768:1)
 for mode in "$@"; do case $mode in
-kernels)
-  step 110 check python bench/attention_bench.py --check
-  step 110 dense python -m kernels.decode_attention --variants
-  step 70 select python -m kernels.topk 1 8 ;;
+check) step 110 check python bench/attention_bench.py --check ;;
+dense) step 110 dense python -m kernels.decode_attention --variants ;;
+select) step 120 select python -m kernels.topk 1 8 ;;
 layer)
   step 290 layer python bench/attention_bench.py --eager --fraction 0.125 0.25 --selection layer "kv-head bucket" \
       --configs "${targets[@]}" ;;
@@ -46,7 +46,7 @@ profile)
   "$NCU" -i "$OUT/step.ncu-rep" --page details > "$OUT/details.txt" 2>&1
   grep -E "^  [a-zA-Z_]|Duration|Registers Per|Achieved Occupancy|Memory Throughput|Warp Cycles Per Issued" \
       "$OUT/details.txt" | head -120 ;;
-*) echo "unknown mode $mode (kernels, layer, sweep, e2e, largest, profile)"; exit 2 ;;
+*) echo "unknown mode $mode (check, dense, select, layer, sweep, e2e, largest, profile)"; exit 2 ;;
 esac; done
 echo; echo "== tables"
 for f in "$OUT"/*.log; do grep -q '^|' "$f" && { echo "-- $(basename "$f")"; grep '^|' "$f"; }; done

@@ -293,7 +293,7 @@ if __name__ == "__main__":
     dev, dt, D, H = "cuda", torch.bfloat16, 128, 32
     ceiling = copy_ceiling()
     print(f"{torch.cuda.get_device_name()}: copy ceiling {ceiling / 1e12:.2f} TB/s, {sm_count(torch.device(dev))} SMs")
-    most = min(20 << 30, int(torch.cuda.mem_get_info()[0] * 0.85) // 4)  # K and V elements (bf16) at most
+    most = min(20 << 30, int(torch.cuda.mem_get_info()[0] * 0.85) // 4) >> 8 << 8  # K and V elements (bf16); V 512-byte aligned
     pool = torch.randn(2 * most, device=dev, dtype=dt)  # every case's K and V are views of it (no reallocation)
     full_rate = {}  # (name, S, B) -> bytes/us on full rows
 

@@ -18,6 +18,8 @@ from conftest import run_interpreted
 from model import ModelArgs, Transformer, rope_table
 from sals_attention import SALSCache, SALSConfig, setup_sals
 
+PAPER = dict(selection="layer", ranking="pre-rope")  # one selection per layer: the counts below are per row
+
 CHILD = os.environ.get("SALS_KERNEL_TESTS") == "child"
 
 
@@ -48,7 +50,7 @@ CASES = [
 def check_decode_kernels_float32(n_head, n_kv_head, head_dim, kw):
     """Rows at different lengths: a full budget, a partial one, and one with no selected token at all."""
     cache, *step = random_cache(3, 256, n_head, n_kv_head, head_dim, pos=[255, 150, 60], dtype=torch.float32,
-                                seed=n_head + head_dim, sink=4, window=8, sparsity=0.25, min_tokens=0, **kw)
+                                seed=n_head + head_dim, sink=4, window=8, sparsity=0.25, min_tokens=0, **PAPER, **kw)
     err = kernel_errors(cache, *step)
     assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["scores"] < 1e-5 and err["attention"] < 1e-5, err
 
@@ -58,7 +60,7 @@ def check_decode_kernels_float16():
     them too, but at different points (2e-3: two half-precision ulps; 3e-4 measured). float16, not bfloat16:
     Triton's interpreter holds bfloat16 as raw integers and adds them as such (gpu_sals.sh checks bf16 on a GPU)."""
     cache, *step = random_cache(2, 200, 8, 2, 64, pos=[199, 120], dtype=torch.float16, seed=5, sink=4, window=8,
-                                sparsity=0.25, min_tokens=0, rank_fraction=0.25, value_bits=4)
+                                sparsity=0.25, min_tokens=0, rank_fraction=0.25, value_bits=4, **PAPER)
     err = kernel_errors(cache, *step)
     assert err["selected"] == (50 - 12) + (30 - 12) and err["scores"] < 1e-5 and err["attention"] < 2e-3, err
 
@@ -67,7 +69,7 @@ def check_decode_kernel_rotates_far_positions_exactly():
     """Keys selected near position 32K: RoPE angles as float32 products pos * inv_freq would be off by up to
     ~2e-3 rad there (a relative error of ~1e-3 in the output); the kernel reads the table's float64-made rows."""
     cache, *step = random_cache(1, 33000, 1, 1, 64, dtype=torch.float32, seed=9, sink=4, window=8,
-                                sparsity=1 / 256, min_tokens=0, rank_fraction=0.25, value_bits=16)
+                                sparsity=1 / 256, min_tokens=0, rank_fraction=0.25, value_bits=16, **PAPER)
     err = kernel_errors(cache, *step)
     assert err["selected"] == 128 - 12 and err["attention"] < 1e-5, err
 
@@ -88,7 +90,8 @@ def check_decode_kernel_launch_variants(cfg, n_head, n_kv_head):
     from kernels import sals_decode
     cfg = dict(cfg, num_warps=1, num_stages=1)
     cache, *step = random_cache(3, 256, n_head, n_kv_head, 64, pos=[255, 150, 60], dtype=torch.float32, seed=n_head,
-                                sink=4, window=8, sparsity=0.25, min_tokens=0, rank=40, score_dims=24, value_bits=4)
+                                sink=4, window=8, sparsity=0.25, min_tokens=0, rank=40, score_dims=24, value_bits=4,
+                                **PAPER)
     n_split = 1 + sals_decode.split_count(cache.k_max, 3 * n_kv_head, cfg)
     err = kernel_errors(cache, *step, cfg=cfg, n_split=n_split)
     assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["attention"] < 1e-5, (err, n_split)

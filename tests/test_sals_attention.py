@@ -331,7 +331,8 @@ def test_bf16_cache_ranks_with_float32_scores():
     to bf16 tie often, and ties at the budget's edge rank in no defined order (on the GPU the reference step then
     chose other tokens than the kernels at Llama-2 32K). Bound: float32 accumulation of exact products."""
     from bench.attention_bench import random_cache
-    cache, q, _, _, pos, _ = random_cache(2, 300, 8, 2, 64, fraction=0.25, pos=[299, 150], seed=5)  # bfloat16
+    cache, q, _, _, pos, _ = random_cache(2, 300, 8, 2, 64, fraction=0.25, pos=[299, 150], seed=5,
+                                       selection="layer", ranking="pre-rope")  # bfloat16, one pre-RoPE query
     s = cache.scores(q, None, pos, None)  # (2, 300)
     terms = cache.k_lat_score.double() * cache.latent_query(q, pos).double()[:, None]  # (2, 300, r*)
     assert s.dtype == torch.float32 and cache.k_lat_score.dtype == torch.bfloat16

@@ -260,10 +260,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=None, help="default 1; not with --max_batch")
     p.add_argument("--method", choices=list(METHODS), nargs="+", default=["dense"],
                    help="dense bf16 cache (through the split-KV kernel on a GPU, or the masked SDPA path), or SALS-25%% / "
-                        "SALS-12.5%% (sals_attention.py presets)")
+                        "SALS-12.5%% (sals_attention.py presets: the default selection)")
     p.add_argument("--max_batch", action="store_true",
-                   help="for each shape, prompt and method, time the largest batch that fits on the GPU (on the "
-                        "H200 the search stalled after its first try near the memory limit: bench/NOTES.md)")
+                   help="for each shape, prompt and method, time the largest batch that fits on the GPU (run one "
+                        "method per process: a capture that fails near the memory limit can stall the next one)")
     p.add_argument("--max_batch_limit", type=int, default=1024, help="the largest batch --max_batch tries")
     p.add_argument("--steps", type=int, default=127)
     how = p.add_mutually_exclusive_group()

@@ -34,15 +34,21 @@ SHAPES = {"mha": dict(G=1, RS=256, RR=256), "gqa": dict(G=4, RS=64, RR=64)}
 
 # the other kernels of a step at Mistral-7B 32K, B=8 (S = 32768 + 32, k = 4020, 65 splits), with the constexprs
 # kernels/latent_score, kernels/topk.launch_select and sals_decode.launch_combine derive: kernel, pointer types,
-# constexprs. Scoring: one query per layer, and one per KV head and distance bucket (10 buckets, padded to 16).
+# constexprs. Scoring: one query per layer; one per KV head and distance bucket (Mistral-7B: 8 KV heads, 9 buckets;
+# Llama-2-7B: 32 KV heads, 10 buckets, r* = 256).
 S, K, N_SPLIT = 32800, 4020, 65
 NC = triton.cdiv(S, topk.CHUNK)
 SCORE_POINTERS = dict(k_ptr="*bf16", q_ptr="*bf16", pos_ptr="*i64", out_ptr="*fp32", hist_ptr="*i32")
+# integer arguments that are multiples of 16 at these shapes, as Triton specializes them at launch (unmarked, the
+# scoring kernel's loads compile unvectorized: many more registers than it uses on the GPU)
+ALIGNED_INTS = ("S", "n_sink", "window", "stride_kb", "stride_ks", "stride_qb", "stride_qn", "stride_qq", "stride_h")
 OTHERS = [
     (latent_score._latent_score_kernel, SCORE_POINTERS,
-     dict(RS=64, NB=1, NQ=1, NBP=1, NQP=1, BLOCK_S=32, BLOCK_R=64, DOT=False, PREC="tf32")),
+     dict(RS=64, NB=1, NQ=1, NQP=16, BLOCK_S=128, BLOCK_R=64, DOT=True, UPCAST=False, PREC="tf32")),
     (latent_score._latent_score_kernel, SCORE_POINTERS,
-     dict(RS=64, NB=10, NQ=8, NBP=16, NQP=8, BLOCK_S=32, BLOCK_R=64, DOT=True, PREC="tf32")),
+     dict(RS=64, NB=9, NQ=8, NQP=16, BLOCK_S=128, BLOCK_R=64, DOT=True, UPCAST=False, PREC="tf32")),
+    (latent_score._latent_score_kernel, SCORE_POINTERS,
+     dict(RS=256, NB=10, NQ=32, NQP=32, BLOCK_S=128, BLOCK_R=64, DOT=True, UPCAST=False, PREC="tf32")),
     (topk._select_kernel, dict(s_ptr="*fp32", st_ptr="*i32", budget_ptr="*i32", idx_ptr="*i64", keep_ptr="*i1"),
      dict(NC=NC, NC_P=triton.next_power_of_2(NC), CHUNK=topk.CHUNK, K_PER=triton.cdiv(K, NC),
           K_PER_P=triton.next_power_of_2(triton.cdiv(K, NC)))),
@@ -93,7 +99,7 @@ def main(argv=None):
             name = " ".join(f"{key}={val}" for key, val in cfg.items())
             print(f"{family} {name}: {k.metadata.shared} B shared; {ptxas_report(k.asm['ptx'])}", flush=True)
     for fn, pointers, consts in OTHERS:
-        k = compile_kernel(fn, pointers, consts)
+        k = compile_kernel(fn, pointers, consts, aligned_ints=ALIGNED_INTS)
         name = " ".join(f"{key}={val}" for key, val in consts.items())
         print(f"{fn.__name__} {name}: {k.metadata.shared} B shared; {ptxas_report(k.asm['ptx'])}", flush=True)
 

@@ -64,14 +64,16 @@ def brute_force_scores(k, q, pos):
     return terms.sum(-1), rs * 2 ** -24 * terms.abs().sum(-1)
 
 
+@pytest.mark.parametrize("block_s", [32, 128])
 @pytest.mark.parametrize("dot", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("NB,NQ", [(1, 1), (1, 3), (4, 1), (3, 2)])
-def check_scores_and_histograms(NB, NQ, dtype, dot):
+@pytest.mark.parametrize("NB,NQ", [(1, 1), (1, 3), (4, 1), (3, 2), (4, 8)])
+def check_scores_and_histograms(NB, NQ, dtype, dot, block_s):
     """Scores of every position against float64 brute force (-inf exactly outside n_sink <= j <= pos - window;
-    rows at different lengths, one with no candidate), several rankings and distance buckets, strided queries;
-    the coarse histogram equal to a count of the scores' keys; the rest of the state left alone."""
-    from kernels.latent_score import launch_latent_scores
+    rows at different lengths, one with no candidate), several rankings and distance buckets (blocks of 32 and of
+    128 tokens, most of them spanning several buckets), strided queries; latent_scores_reference within the same
+    bound; the coarse histogram equal to a count of the scores' keys; the rest of the state left alone."""
+    from kernels.latent_score import launch_latent_scores, latent_scores_reference
     B, S, rs = 3, 300, 24
     gen = torch.Generator().manual_seed(NB * 10 + NQ)
     k = torch.randn(B, S, rs, generator=gen).to(dtype)
@@ -80,12 +82,14 @@ def check_scores_and_histograms(NB, NQ, dtype, dot):
     scores = torch.full((B, NQ, S), float("nan"))
     state = torch.zeros(B * NQ, 288, dtype=torch.int32)
     state[:, 256:] = 12345  # beyond the coarse bins: not the scoring kernel's
-    launch_latent_scores(k, q, pos, SINK, WINDOW, scores, state, block_s=32, block_r=16, dot=dot)
+    launch_latent_scores(k, q, pos, SINK, WINDOW, scores, state, block_s=block_s, block_r=16, dot=dot)
     ref, bound = brute_force_scores(k, q, pos)
     j = torch.arange(S)
     cand = ((j >= SINK) & (j <= pos - WINDOW))[:, None].expand(B, NQ, S)
     assert torch.equal(scores.isfinite(), cand) and (scores[~cand] == -math.inf).all()
     assert ((scores.double() - ref).abs()[cand] <= bound[cand]).all()
+    torch_ref = latent_scores_reference(k, q, pos, SINK, WINDOW).double()
+    assert torch.equal(torch_ref.isfinite(), cand) and ((torch_ref - ref).abs()[cand] <= bound[cand]).all()
     assert len(set(distance_bucket(pos[0] - j[cand[0, 0]], WINDOW, NB).tolist())) == NB  # every bucket used
     coarse = ranking_key(scores).long() >> 8
     count = torch.stack([torch.bincount(c[m], minlength=256) for c, m in zip(coarse.view(-1, S), cand.reshape(-1, S))])
@@ -195,7 +199,7 @@ def check_select_top_op():
         select_top(lat, q, pos, budget, SINK, WINDOW, 500)
 
 
-N_CHILD_TESTS = 24 + 18 + 1
+N_CHILD_TESTS = 60 + 18 + 1
 if CHILD:  # the child collects the checks as tests, and not the launcher
     assert os.environ.get("TRITON_INTERPRET") == "1"
     del test_select_kernels_in_triton_interpreter, test_ranking_key, test_reference_rule  # parent-only: no Triton

@@ -4,7 +4,7 @@
     python bench/decode_bench.py --shape mistral-7b --prompt 4096 32768 --batch 8 --method dense sals-12.5 --graph
     python bench/decode_bench.py --shape llama-2-7b --prompt 32768 --method dense sals-12.5 --max_batch --graph
 
-Decode only, as in ANCHORS.md: every cache buffer is filled with random values as if a prompt of the
+Decode only, as gpt-fast's numbers are measured: every cache buffer is filled with random values as if a prompt of the
 given length had been prefilled (the cost of a step does not depend on what the cache holds, but zeros
 can run faster than real data), then `--steps` tokens are decoded and timed. SALS caches get a random
 orthonormal basis per layer instead of a calibration and a full window ring, so that each step attends
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from generate import compiled_decode, cuda_graph, decode_one_token, kv_bytes_per_step, model_bytes_per_step  # noqa: E402
+from kernels.timing import copy_ceiling  # noqa: E402
 from model import KVCache, ModelArgs, Transformer  # noqa: E402
 from sals_attention import SALSCache, SALSConfig, setup_sals  # noqa: E402
 from tp import init_distributed, shard_model  # noqa: E402
@@ -217,7 +218,8 @@ def search_batch(model, setup, prompt: int, args, make_decode) -> int:
 # The table.
 
 HEADER = ("| shape | prompt | method | batch | ms / step | tokens/s (all sequences) | speed-up vs fastest dense, same batch | "
-          "tokens/s vs best dense at its largest batch | KV cache allocated | effective bandwidth | peak GPU memory |\n"
+          "tokens/s vs best dense at its largest batch | KV cache allocated | effective bandwidth (of the copy ceiling) | "
+          "peak GPU memory |\n"
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
@@ -242,15 +244,20 @@ def vs_dense(r: dict, results: list[dict]) -> tuple[str, str]:
     return speedup, f"{r['batch'] / r['step'] / (d['batch'] / d['step']):.2f}x ({d['method']}: batch {d['batch']})"
 
 
-def format_row(r: dict, results: list[dict]) -> str:
+def format_row(r: dict, results: list[dict], ceiling: float | None) -> str:
+    """One table row; ceiling: the copy ceiling in bytes/s measured in this run (None on the CPU). The bytes a step
+    reads (weights and KV cache) over the step time is its effective bandwidth; over the ceiling, its roofline
+    fraction."""
     batch = (f"{r['batch']} (largest)" if r["batch"] else "none fits") if r["largest"] else str(r["batch"])
     head = f"| {r['shape']} | {r['prompt']} | {r['method']} | {batch} |"
     if r["step"] is None:
         return head + " out of memory |" + " |" * 6
     speedup, vs_max = vs_dense(r, results)
     peak = "n/a (cpu)" if r["peak"] is None else f"{r['peak'] / 1e9:.1f} GB"
+    rate = r["read"] / r["step"]
+    roof = f"{rate / ceiling:.0%}" if ceiling else "no ceiling on cpu"
     return (head + f" {r['step'] * 1e3:.2f} | {r['batch'] / r['step']:.1f} | {speedup} | {vs_max} | "
-            f"{r['kv'] / 1e9:.3g} GB | {r['read'] / r['step'] / 1e12:.3g} TB/s | {peak} |")
+            f"{r['kv'] / 1e9:.3g} GB | {rate / 1e12:.3g} TB/s ({roof}) | {peak} |")
 
 
 def parse_args(argv=None):
@@ -301,6 +308,8 @@ def main(argv=None):
     elif args.graph:
         print("note: --graph needs a GPU; timing the eager step", file=sys.stderr)
 
+    ceiling = copy_ceiling() if device.type == "cuda" else None  # measured here, before any model is allocated
+    release_memory()  # the copy's 4 GiB, which the batch search would otherwise count as taken
     torch.manual_seed(0)
     results = []
     labels = [shape if world == 1 else f"{shape} (tp {world})" for shape in args.shape]
@@ -316,7 +325,7 @@ def main(argv=None):
                     m = measure(model, setup, batch, prompt, args.steps, make) if batch else None
                     results.append(dict(shape=label, prompt=prompt, method=method, batch=batch,
                                         largest=args.max_batch, **(m or dict(step=None))))
-                    print(format_row(results[-1], results), flush=True)
+                    print(format_row(results[-1], results, ceiling), flush=True)
             del setup
         del model
         release_memory()
@@ -324,9 +333,10 @@ def main(argv=None):
                        args.method.index(r["method"]))
     print(f"\n{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"{mode}, {args.steps} steps, median of 3 runs"
+          + (f", copy ceiling {ceiling / 1e12:.2f} TB/s (measured)" if ceiling else "")
           + (f", tensor parallel over {world} ranks (KV, bandwidth, memory: one rank's)" if world > 1 else ""))
     print(HEADER)
-    print("\n".join(format_row(r, results) for r in sorted(results, key=order)))
+    print("\n".join(format_row(r, results, ceiling) for r in sorted(results, key=order)))
 
 
 if __name__ == "__main__":

@@ -160,8 +160,8 @@ if __name__ == "__main__":
           "select_top (memset, scoring, selection); 'select': launch_select after a copy of the state (standing for "
           "the memset), per chunk size; floors: bytes at the copy ceiling (select: the scores read, idx and keep "
           "written); exact: idx and keep equal to select_top_reference at every chunk size")
-    print(f"| NQ | B | S | r* | score+select us (floor) | scoring us | select us, chunk {'/'.join(map(str, CHUNKS))} "
-          f"(floor) | torch.topk us | exact |\n" + "| --- " * 9 + "|")
+    print(f"| NQ | B | S | r* | score+select us (floor, of floor) | scoring us | select us, chunk "
+          f"{'/'.join(map(str, CHUNKS))} (floor, best of floor) | torch.topk us | exact |\n" + "| --- " * 9 + "|")
     for NQ in map(int, sys.argv[1:] or (1, 8)):
         for B in (1, 8, 16):
             for S in (4096, 8192, 16384, 32768, 131072):
@@ -195,7 +195,8 @@ if __name__ == "__main__":
                     out_bytes = B * NQ * (4 * S + 9 * K)  # scores read (or written), idx and keep written
                     floor_all = (B * (S - 80) * RS * 2 + 2 * out_bytes) / copy_ceiling() * 1e6
                     floor_select = out_bytes / copy_ceiling() * 1e6
-                    select_us = " / ".join(f"{t:.1f}" for t in t_select) + f" ({floor_select:.1f})" if t_select else "-"
-                    print(f"| {NQ} | {B} | {S} | {RS} | {t_all:.1f} ({floor_all:.1f}) | {t_score:.1f} | {select_us} | "
-                          f"{t_ref:.1f} | {exact} |", flush=True)
+                    select_us = (" / ".join(f"{t:.1f}" for t in t_select) +
+                                 f" ({floor_select:.1f}, {floor_select / min(t_select):.0%})") if t_select else "-"
+                    print(f"| {NQ} | {B} | {S} | {RS} | {t_all:.1f} ({floor_all:.1f}, {floor_all / t_all:.0%}) | "
+                          f"{t_score:.1f} | {select_us} | {t_ref:.1f} | {exact} |", flush=True)
                     del lat, scores

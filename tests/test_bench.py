@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import decode_bench as db  # noqa: E402
 from sals_attention import MIN_TOKENS, SALSCache  # noqa: E402
 
-SINK, WINDOW, SPARSITY = 16, 64, 1 / 8  # the SALS presets' settings (SALS.md), restated as the reference
+SINK, WINDOW, SPARSITY = 16, 64, 1 / 8  # the SALS presets' settings (docs/sals.md), restated as the reference
 
 
 def run_bench(*flags) -> subprocess.CompletedProcess:
@@ -42,7 +42,7 @@ def dense_bytes(B: int, S: int, L: int = 5, Hkv: int = 2, Dh: int = 32, size: in
 
 
 def sals_bytes(B: int, S: int, rank: int, bits: int, Hkv: int = 2, Dh: int = 32) -> int:
-    """Every buffer of the tiny shape's caches (float32): 3 dense layers and 2 SALS layers, from SALS.md's layout."""
+    """Every buffer of the tiny shape's caches (float32): 3 dense layers and 2 SALS layers, from docs/sals.md's layout."""
     per_layer = (Hkv * Dh * rank * 4 + Dh // 2 * 8  # U, RoPE frequencies (float64)
                  + B * S * (rank * 4 + Hkv * Dh * bits // 8 + 2 * Hkv * Dh // 32 * 2)  # latents, values, scale+zero
                  + 2 * B * (SINK + WINDOW) * Hkv * Dh * 4 + B * WINDOW * 4  # sinks and window (K, V), window_pos

@@ -58,11 +58,12 @@ BASES = ("dense", "sals-25", "sals-12.5", "oracle", "oracle-head", "streaming")
 PRESETS = {"sals-25": 0.25, "sals-12.5": 0.125}
 # the overrides every non-dense method takes (the SALS ones take all SALSConfig fields)
 SHARED_FIELDS = ("sparsity", "sink", "window", "dense_layers", "min_tokens", "budget_tokens")
-# issue 14's candidate configurations: name -> (base, SALSConfig overrides). "paper": the paper's proportional
-# budget alone (the presets' min_tokens raises it on short prompts).
+# issue 14's candidate configurations: name -> (base, SALSConfig overrides). "paper": the paper's method as
+# SALSConfig.preset(paper=True) sets it (one pre-RoPE ranking per layer, the proportional budget alone).
+PAPER = {f: getattr(SALSConfig.preset(0.25, paper=True), f) for f in ("min_tokens", "selection", "ranking")}
 CANDIDATES = {
     f"sals-{p}-{name}": (f"sals-{p}", o) for p in ("25", "12.5") for name, o in [
-        ("paper", {"min_tokens": 0, "selection": "layer", "ranking": "pre-rope"}),
+        ("paper", PAPER),
         ("kvhead", {"selection": "kv-head", "ranking": "pre-rope"}),
         ("bucket", {"selection": "layer", "ranking": "bucket-rope"}),
         ("kvbucket", {"selection": "kv-head", "ranking": "bucket-rope"}),

@@ -67,8 +67,8 @@ def parse_args(argv=None):
                         "its own query heads (default)")
     s.add_argument("--sals_calib", type=Path, help="calibration file (default: <checkpoint>/sals_calib.pt)")
     s.add_argument("--sals_always", action="store_true", default=None,
-                   help="on a GPU, use SALS even where it was measured slower than the dense cache (by default the "
-                        "engine then stays dense and says why; see sals_on_gpu)")
+                   help="on a GPU, use SALS even where the dense cache fits (SALS was not measured faster than it; "
+                        "by default the engine then stays dense and says why; see sals_on_gpu)")
     args = p.parse_args(argv)
     problems = []
     if args.max_new_tokens < 1:
@@ -331,7 +331,7 @@ def sals_setup(args, model: Transformer, default_model: bool):
     def setup(B: int, S: int):
         if on_gpu and not args.sals_always:
             free = torch.cuda.mem_get_info(model.output.weight.device)[0]
-            use, why = sals_on_gpu(model.args, resolved, B, S, free, model.output.weight.element_size())
+            use, why = sals_on_gpu(model.args, B, S, free, model.output.weight.element_size())
             print(f"SALS: {why}" if use else f"SALS: staying dense: {why}; --sals_always to use SALS anyway",
                   file=sys.stderr)
             if not use:
@@ -340,8 +340,8 @@ def sals_setup(args, model: Transformer, default_model: bool):
     return setup
 
 
-def sals_on_gpu(a: ModelArgs, cfg: SALSConfig, B: int, S: int, free: int, elem_bytes: int = 2) -> tuple[bool, str]:
-    """Whether SALS caches (cfg resolved) should replace dense ones on a GPU with `free` bytes free, for B sequences
+def sals_on_gpu(a: ModelArgs, B: int, S: int, free: int, elem_bytes: int = 2) -> tuple[bool, str]:
+    """Whether SALS caches should replace dense ones on a GPU with `free` bytes free, for B sequences
     of S tokens (dense elements of elem_bytes), and why. SALS's decode step has not been measured faster than the
     engine's dense split-KV kernel (BENCHMARKS.md), so it is used for its memory: when the dense cache would not
     fit in free GPU memory."""

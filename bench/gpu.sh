@@ -2,7 +2,7 @@
 # Device calls (one NVIDIA GPU, < 10 min each): `bash bench/gpu.sh MODE...` runs each mode in turn; logs in $OUT, every
 # table printed again at the end. Each step has its own time limit, so a slow one leaves the others their time.
 #   check     the SALS kernels and the whole step against the PyTorch reference at real sizes
-#   dense     the dense split-KV kernel's launch settings against SDPA flash (correctness included)
+#   dense     the dense split-KV kernel's launch settings against the copy ceiling (checked against SDPA flash)
 #   select    scoring + selection micro-benchmarks
 #   layer     one layer, SALS-12.5% and 25% (per-layer and per-KV-head bucket selection) against every dense
 #             baseline at the cells of the SALS-floor issue's targets, eager steps in CUDA graphs

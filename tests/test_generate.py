@@ -358,17 +358,15 @@ def test_cache_memory_is_linear_in_context():
 def test_sals_on_gpu_follows_the_measured_rule():
     """SALS replaces the dense cache on a GPU only where the dense cache would not fit in free memory (it was not
     measured faster than the dense kernel, BENCHMARKS.md); the bytes it compares are the dense cache's, computed
-    here, at both shapes and presets."""
+    here, at both shapes."""
     from generate import sals_on_gpu
     shape = dict(vocab_size=32000, dim=4096, n_layer=32, n_head=32, head_dim=128, intermediate_size=11008,
                  max_position_embeddings=32768)
     llama2, mistral = ModelArgs(n_kv_head=32, **shape), ModelArgs(n_kv_head=8, **shape)
-    preset = lambda a, f: SALSConfig.preset(f).resolve(a, a.n_kv_head * a.head_dim)  # noqa: E731
     gb = 10 ** 9
     for a, kv_heads in ((llama2, 32), (mistral, 8)):
         dense = 2 * 32 * 8 * 16384 * kv_heads * 128 * 2  # K and V, 32 layers, batch 8, 16K tokens, bf16
-        for f in (0.25, 0.125):
-            use, why = sals_on_gpu(a, preset(a, f), 8, 16384, int(dense / 0.9) + 1)
-            assert not use and f"{dense / gb:.1f} GB" in why and "fits" in why
-            use, why = sals_on_gpu(a, preset(a, f), 8, 16384, int(dense / 0.9) - 1)
-            assert use and "would not fit" in why
+        use, why = sals_on_gpu(a, 8, 16384, int(dense / 0.9) + 1)
+        assert not use and f"{dense / gb:.1f} GB" in why and "fits" in why
+        use, why = sals_on_gpu(a, 8, 16384, int(dense / 0.9) - 1)
+        assert use and "would not fit" in why

@@ -528,7 +528,7 @@ def test_kv_head_selection_with_one_kv_head_is_the_layer_selection(ranking):
 def test_the_fused_path_runs_what_users_run_and_refuses_the_rest(monkeypatch, override, refused):
     """Where the fused step is asked for, every configuration users run takes it (per-layer or per-KV-head
     selection, any ranking with a kernel), and the evaluation variants are refused with a message rather than run
-    through the slow reference; so is a decode of a subset of rows."""
+    through the slow reference (as is a decode of a subset of rows, below)."""
     def fused_decode(*args):
         raise RuntimeError("fused path taken")
     monkeypatch.setattr(SALSCache, "fused_decode", fused_decode)
@@ -536,6 +536,10 @@ def test_the_fused_path_runs_what_users_run_and_refuses_the_rest(monkeypatch, ov
     cfg = SALSConfig(rank=12, value_bits=16, sink=2, window=4, **override)
     with pytest.raises(ValueError if refused else RuntimeError, match=refused or "fused path taken"):
         feed_layer(cfg, args, [20], 3, U, lambda *a: None, fused=True)
+
+
+def test_the_fused_path_refuses_a_subset_of_rows():
+    args, U = layer_args(), orthonormal(16, torch.Generator().manual_seed(3))
     cache = feed_layer(SALSConfig(rank=12, value_bits=16, sink=2, window=4), args, [20, 20], 0, U, lambda *a: None,
                        fused=True)
     q = torch.zeros(1, args.n_head, 1, args.head_dim, dtype=torch.float64)

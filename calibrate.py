@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from kernels.ranking import bucket_rotations
 from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype, load_model, rope_frequencies
-from sals_attention import RANKINGS, SALSConfig, bucket_rotations, distance_bucket, n_buckets
+from sals_attention import RANKINGS, SALSConfig, distance_bucket, n_buckets
 from tp import check_tp_size, local_args
 
 ROOT = Path(__file__).resolve().parent
@@ -159,7 +160,7 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
       - latent choice: top n by s_j = q_lat . k_lat_j with q_lat = (each KV group's query heads
         summed, concatenated to width D) @ basis and k_lat_j = (k_j, heads concatenated) @ basis,
         both pre-RoPE, exactly as the SALS decode step ranks (ranking "pre-rope"; with "expected-rope",
-        q_lat's head sums are first rotated by sals_attention.bucket_rotations' one bucket at t, from inv_freq;
+        q_lat's head sums are first rotated by kernels.ranking.bucket_rotations' one bucket at t, from inv_freq;
         with "bucket-rope" by each distance bucket's rotation, key j scored by its bucket's q_lat);
       - oracle choice: top n candidates by a_j;
       - ratio = a(sinks + window + latent choice) / a(sinks + window + oracle choice), <= 1 (N = 1).

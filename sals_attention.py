@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from kernels.ranking import select_top_reference
+from kernels.ranking import bucket_rotations, select_top_reference
 from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies, rope_table
 
 GROUP = 32  # value channels sharing one scale and zero
@@ -104,36 +104,12 @@ class SALSConfig:
         return replace(self, rank=r, score_dims=rs, dense_layers=tuple(sorted(set(dense))))
 
 
-def mean_rotation(inv_freq: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """The mean RoPE rotation over the integer distances lo..hi (float64 (...), hi >= lo) as a (..., Dh/2, 2)
-    float32 (cos, sin) table for model.apply_rope; inv_freq (Dh/2,) float64.
-
-    Per frequency pair, the post-RoPE logit is q_rot(d).k with q_rot(d) = q rotated by d * theta, d = pos - j
-    (the pre-RoPE ranking takes d = 0). d is unknown without rebuilding the key, so take its mean over a range of
-    distances: mean e^(i theta d) = e^(i theta m) sin(n theta/2) / (n sin(theta/2)), m the middle distance, n how
-    many there are. Pairs fast for that range average out (their factor tends to 0) and slow ones stay; theta in
-    (0, 1] keeps sin(theta/2) away from 0."""
-    n, mid = (hi - lo + 1)[..., None], ((hi + lo) / 2)[..., None]
-    damp = torch.sin(n * inv_freq / 2) / (n * torch.sin(inv_freq / 2))  # (..., Dh/2) Dirichlet kernel
-    return torch.stack([(mid * inv_freq).cos() * damp, (mid * inv_freq).sin() * damp], -1).float()
-
-
 def n_buckets(ranking: str, window: int, max_seq_length: int) -> int:
     """How many distance buckets [window 2^i, window 2^(i+1)) a ranking averages RoPE's rotation over in a cache of
     max_seq_length positions: 0 for "pre-rope" (no rotation), 1 for "expected-rope" (all candidates at once)."""
     if ranking in ("bucket-rope", "hybrid"):
         return max(1, math.ceil(math.log2(max(max_seq_length, 2 * window) / window)))
     return int(ranking == "expected-rope")
-
-
-def bucket_rotations(inv_freq: Tensor, input_pos: Tensor, sink: int, window: int, n: int) -> Tensor:
-    """(b, n, Dh/2, 2): mean_rotation per distance bucket i, the distances window 2^i .. window 2^(i+1) - 1 (the
-    last bucket: up to the end), clipped to the candidates' window..pos - sink of a query at input_pos (b, 1); with
-    n = 1, d uniform on window..pos - sink. Tensor ops only: no host sync, static shapes."""
-    lo = window * 2.0 ** torch.arange(n, dtype=torch.float64, device=input_pos.device)  # (n,)
-    last = (input_pos - sink).double().clamp(min=window)  # (b, 1)
-    hi = torch.cat([lo[1:] - 1, torch.full_like(lo[:1], math.inf)]).minimum(last)  # (b, n)
-    return mean_rotation(inv_freq, lo.minimum(hi), hi)  # empty buckets (lo > last) rank nothing: any table
 
 
 def distance_bucket(d: Tensor, window: int, n: int) -> Tensor:
@@ -365,7 +341,8 @@ class SALSCache(nn.Module):
                 q_sum = q_rot if self.n_buckets > 1 else q_rot[:, 0]
         if self.per_head:
             U_h = self.U[:, :self.rs].unflatten(0, (self.n_kv_head, self.head_dim))  # (Hkv, Dh, r*)
-            return (q_sum[..., None, :] @ U_h)[..., 0, :]
+            # one bmm batched over heads: q_sum[..., None, :] @ U_h would broadcast U_h to every row and bucket
+            return torch.einsum("...hd,hdr->...hr", q_sum, U_h)
         return q_sum.flatten(-2) @ self.U[:, :self.rs]
 
     def scores(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> Tensor:

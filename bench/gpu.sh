@@ -22,7 +22,7 @@ targets=(mistral-7b:32768:8 mistral-7b:32768:16 mistral-7b:4096:8 mistral-7b:409
          llama-2-7b:4096:8 llama-2-7b:32768:8 llama-2-7b:8192:1 llama-2-7b:32768:1 mistral-7b:32768:1)
 for mode in "$@"; do case $mode in
 check) step 110 check python bench/attention_bench.py --check ;;
-dense) step 110 dense python -m kernels.decode_attention --variants ;;
+dense) step 170 dense python -m kernels.decode_attention --variants ;;
 select) step 120 select python -m kernels.topk 1 8 ;;
 layer)
   step 290 layer python bench/attention_bench.py --eager --fraction 0.125 0.25 --selection layer "kv-head bucket" \

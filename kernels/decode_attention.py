@@ -29,8 +29,10 @@ from torch import Tensor
 
 # Launch settings: block_n tokens per K/V tile (16-bit; halved for float32, so that a tile holds the same bytes),
 # num_warps, num_stages (K/V loads pipelined num_stages - 1 blocks ahead), programs_per_sm (how many programs in all
-# n_split aims for), min_chunk (n_split never cuts a full cache row into chunks shorter than this).
-DEFAULT_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=256)
+# n_split aims for), min_chunk (n_split never cuts a full cache row into chunks shorter than this), dot (q.k and p.v on
+# the tensor cores, the G query rows padded to 16; else multiply-and-sum in registers on G rows, which skips the
+# shared-memory staging of K and V that tl.dot needs: for MHA's single query row).
+DEFAULT_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=256, dot=True)
 # The variants a GPU benchmark times (python -m kernels.decode_attention --variants). Compiled offline for sm_90 at
 # D = 128, bf16 (no spills): the default 70 KB of shared memory and 96 registers (three programs per SM), 4 stages
 # 102 KB (two), 128-token tiles with 3 stages 136 KB (one), with 2 stages 72 KB and 128 registers (three).
@@ -40,6 +42,8 @@ VARIANTS = (
     dict(block_n=128, num_warps=8, num_stages=3, programs_per_sm=4, min_chunk=512),
     dict(block_n=128, num_warps=4, num_stages=2, programs_per_sm=8, min_chunk=256),
     dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=16, min_chunk=128),
+    dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=256, dot=False),
+    dict(block_n=32, num_warps=4, num_stages=4, programs_per_sm=8, min_chunk=256, dot=False),
 )
 INTERPRETER_SMS = 4  # the SM count split_count assumes off the GPU (Triton's interpreter): several splits at tiny sizes
 
@@ -65,7 +69,7 @@ def _plan(pos_ptr, stride_pos, B, S, P, BLOCK_N: tl.constexpr, B_P: tl.constexpr
 
 @triton.jit
 def _attend_block(q, k_ptr, v_ptr, kv, n0, hi, m, l, acc, qk_scale, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, DOT: tl.constexpr):
     """Online softmax update of (m, l, acc) (BLOCK_M,), (BLOCK_M,), (BLOCK_M, D) with the tokens n0 .. n0+BLOCK_N-1
     (< hi) of the (S, D) key and value rows at offset kv; base-2 logits."""
     t = n0 + tl.arange(0, BLOCK_N)
@@ -73,13 +77,19 @@ def _attend_block(q, k_ptr, v_ptr, kv, n0, hi, m, l, acc, qk_scale, D: tl.conste
     ok = t < hi
     k = tl.load(k_ptr + kv + t[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)  # (BLOCK_N, D)
     v = tl.load(v_ptr + kv + t[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_M, BLOCK_N)
+    if DOT:
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_M, BLOCK_N)
+    else:
+        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
     s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))  # finite: every block holds >= 1 token
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    if DOT:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    else:
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
     return m_new, l, acc
 
 
@@ -88,7 +98,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, span_ptr
                    stride_pos,
                    qk_scale: tl.constexpr,  # constexpr: under torch.compile a float argument would arrive as fp64
                    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, B_P: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, INTERPRETED: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
     j, h = tl.program_id(0), tl.program_id(1)  # program j of KV head h
     n, start, count, chunk = _plan(pos_ptr, stride_pos, B, S, P, BLOCK_N, B_P)
     rb = tl.arange(0, B_P)
@@ -114,11 +124,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, span_ptr
     if INTERPRETED:  # the interpreter's scalars are 1-element arrays, which range() cannot take: a while loop
         n0 = lo
         while n0 < hi:
-            m, l, acc = _attend_block(q, k_ptr, v_ptr, kv, n0, hi, m, l, acc, qk_scale, D, BLOCK_N, PREC)
+            m, l, acc = _attend_block(q, k_ptr, v_ptr, kv, n0, hi, m, l, acc, qk_scale, D, BLOCK_N, PREC, DOT)
             n0 += BLOCK_N
     else:  # a for loop, which Triton's pipeliner prefetches num_stages - 1 blocks ahead
         for n0 in range(lo, hi, BLOCK_N):
-            m, l, acc = _attend_block(q, k_ptr, v_ptr, kv, n0, hi, m, l, acc, qk_scale, D, BLOCK_N, PREC)
+            m, l, acc = _attend_block(q, k_ptr, v_ptr, kv, n0, hi, m, l, acc, qk_scale, D, BLOCK_N, PREC, DOT)
     live = (g < G) & used
     out = j * H + h * G + g  # (BLOCK_M,) partial rows (program, query head)
     tl.store(m_ptr + out, m, mask=live)
@@ -164,10 +174,10 @@ def resolve_config(config: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown decode_attention settings {unknown}; the settings are {sorted(DEFAULT_CONFIG)}.")
     bn = cfg["block_n"]
-    if bn < 16 or bn & (bn - 1) or min(cfg["num_warps"], cfg["num_stages"], cfg["programs_per_sm"],
+    if bn < 16 or bn & (bn - 1) or cfg["dot"] not in (True, False) or min(cfg["num_warps"], cfg["num_stages"], cfg["programs_per_sm"],
                                        cfg["min_chunk"]) < 1:
-        raise ValueError(f"decode_attention settings {cfg}: block_n must be a power of two >= 16 (tl.dot) and the "
-                         f"others at least 1.")
+        raise ValueError(f"decode_attention settings {cfg}: block_n must be a power of two >= 16, dot a bool and "
+                         f"the others at least 1.")
     return cfg
 
 
@@ -223,8 +233,9 @@ def launch_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor
     torch.library.wrap_triton(_decode_kernel)[(P, Hkv)](
         q, k_cache, v_cache, pos, m, l, acc, span, B, S, P, q.stride(0), q.stride(1), pos.stride(0),
         D ** -0.5 * math.log2(math.e), H=H, G=G, D=D, B_P=triton.next_power_of_2(B),
-        BLOCK_M=max(16, triton.next_power_of_2(G)), BLOCK_N=max(16, cfg["block_n"] * 2 // q.element_size()),
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", INTERPRETED=not q.is_cuda, num_warps=cfg["num_warps"],
+        BLOCK_M=max(16 if cfg["dot"] else 1, triton.next_power_of_2(G)),
+        BLOCK_N=max(16, cfg["block_n"] * 2 // q.element_size()), PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT=cfg["dot"], INTERPRETED=not q.is_cuda, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
 
 
@@ -239,10 +250,10 @@ def launch_combine(span: Tensor, m: Tensor, l: Tensor, acc: Tensor, out: Tensor)
 
 @torch.library.triton_op("sals::dense_decode_attention", mutates_args=())
 def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, block_n: int, num_warps: int,
-                      num_stages: int, programs_per_sm: int, min_chunk: int) -> Tensor:
-    """decode_attention with the launch settings as separate integers (a custom op's schema takes no dict)."""
+                      num_stages: int, programs_per_sm: int, min_chunk: int, dot: bool) -> Tensor:
+    """decode_attention with the launch settings as separate arguments (a custom op's schema takes no dict)."""
     cfg = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
-               min_chunk=min_chunk)
+               min_chunk=min_chunk, dot=dot)
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     P = B * split_count(B, Hkv, S, sm_count(q.device), cfg)
@@ -268,7 +279,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Ten
     check_inputs(q, k_cache, v_cache, input_pos)
     cfg = resolve_config(config)
     return _decode_attention(q, k_cache, v_cache, input_pos, cfg["block_n"], cfg["num_warps"], cfg["num_stages"],
-                             cfg["programs_per_sm"], cfg["min_chunk"])
+                             cfg["programs_per_sm"], cfg["min_chunk"], cfg["dot"])
 
 
 def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor) -> Tensor:

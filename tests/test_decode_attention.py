@@ -194,17 +194,19 @@ def launch_poisoned(q, k, v, input_pos, n_split: int, cfg: dict = INTERPRETER_CO
     return out, m, l, acc, span
 
 
+@pytest.mark.parametrize("dot", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("H,Hkv,D", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (8, 1, 64)])
-def check_decode_kernel(H, Hkv, D, dtype):
+def check_decode_kernel(H, Hkv, D, dtype, dot):
     """Rows of length 1, partial and full S (S not a multiple of the block), GQA groups 1, 3, 4 and 8, head_dim 64
-    and 128, one split per row and splits far finer than the short rows' blocks: the output against float64."""
+    and 128, one split per row and splits far finer than the short rows' blocks, on the tensor cores and in
+    registers: the output against float64."""
     from kernels.decode_attention import decode_attention_reference
     S = 100
     q, k, v, pos = decode_case(3, H, Hkv, S, D, dtype, [1, 37, S], seed=H + Hkv + D)
     ref = decode_attention_reference(q, k, v, pos)
     for n_split in (1, 2, 8):
-        out = launch_poisoned(q, k, v, pos, n_split)[0]
+        out = launch_poisoned(q, k, v, pos, n_split, dict(INTERPRETER_CONFIG, dot=dot))[0]
         assert out.dtype == dtype and rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3), n_split
 
 
@@ -342,7 +344,7 @@ def check_model_decode_through_the_kernel_equals_the_reference():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-N_CHILD_TESTS = 2 * 4 + 3 + 1 + 3 + 1 + 1 + 1
+N_CHILD_TESTS = 2 * 2 * 4 + 3 + 1 + 3 + 1 + 1 + 1
 if CHILD:  # the child collects the checks as tests, and not the parent's tests
     assert os.environ.get("TRITON_INTERPRET") == "1"
     for _name in [n for n in globals() if n.startswith("test_")]:

@@ -1,8 +1,10 @@
-"""The scoring and selection kernels (kernels/latent_score.py, kernels/topk.py) against brute force, run by Triton's
+"""The ranking, scoring and selection kernels (kernels/bucket_query.py, kernels/latent_score.py, kernels/topk.py)
+against brute force, run by Triton's
 CPU interpreter in a child pytest (conftest.run_interpreted; the parent never imports Triton: kernels/ranking.py,
 the rule in PyTorch, is checked in the parent).
 
-Scores: every position against float64 sums, each token by the query of its own distance bucket
+Bucket queries: each bucket's mean rotation summed over its distances one by one in float64. Scores: every position
+against float64 sums, each token by the query of its own distance bucket
 (sals_attention.distance_bucket). Coarse histograms: a brute-force count of the keys of the kernel's own scores.
 Selection: the exact rule (kernels/ranking.select_top_reference: integer keys, positions) on crafted scores (ties, equal
 scores, signed zeros, floats that differ below the key's precision), its coarse bins counted here, not by the
@@ -50,6 +52,44 @@ def test_ranking_key():
     assert (key >= 0).all() and (key < 65536).all()
     ks = ranking_key(special).tolist()
     assert ks[4] < ks[8] < ks[6] == ks[7] < ks[0] == ks[2] < ks[1] == ks[3] < ks[5]  # +-1e-45 cut to +-0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("H,Hkv,Dh,NB", [(4, 4, 16, 1), (8, 2, 16, 4), (6, 2, 24, 3), (8, 1, 32, 6)])
+def check_bucket_queries(H, Hkv, Dh, NB, dtype):
+    """The bucket-rope queries against float64 brute force: each KV group's query sum (rounded to q's type, as the
+    reference's sum) rotated by the mean of e^(i theta d) over bucket i's distances d, summed one by one; rows at
+    positions on and beside the buckets' edges, and one with no candidate. Buckets with no distance in range rank
+    nothing (any table): checked against bucket_queries_reference only. Bound: float32 within 2^-20 of the row's
+    largest value (the table's float32 sine and cosine); bfloat16 within 3 units in the last place of it, because
+    Triton's interpreter truncates float32 to bfloat16 where the GPU rounds to nearest: a unit in each of the summed
+    halves (carried through |cos| + |sin| <= 2^0.5) and one in the output."""
+    from kernels.bucket_query import bucket_queries, bucket_queries_reference
+    gen = torch.Generator().manual_seed(H * Dh + NB)
+    q = torch.randn(7, H, Dh + 3, generator=gen).to(dtype)[..., :Dh]  # strided rows
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
+    last = [WINDOW * 2 ** (NB - 1) + 37, WINDOW * 4 - 1, WINDOW * 4, WINDOW * 2, WINDOW, WINDOW - 3, 3000]
+    pos = torch.tensor(last)[:, None] + SINK  # last = pos - SINK, the oldest candidate's distance
+    out = bucket_queries(q, pos, inv_freq, Hkv, SINK, WINDOW, NB).double()
+    ref = bucket_queries_reference(q, pos, inv_freq, Hkv, SINK, WINDOW, NB).double()
+    ulp = 3 * 2 ** -7 if dtype == torch.bfloat16 else 2 ** -20
+    q_sum = q.unflatten(1, (Hkv, -1)).sum(2).double()  # (B, Hkv, Dh), in q's type first
+    for b, l in enumerate(last):
+        l = max(l, WINDOW)
+        for i in range(NB):
+            lo, hi = WINDOW * 2 ** i, (WINDOW * 2 ** (i + 1) - 1 if i < NB - 1 else l)
+            tol = ulp * ref[b, i].abs().amax() + 1e-30
+            assert (out[b, i] - ref[b, i]).abs().max() <= tol
+            if lo > l:
+                continue
+            d = torch.arange(lo, min(hi, l) + 1, dtype=torch.float64)
+            angle = d[:, None] * inv_freq  # (n, Dh/2)
+            c, s = angle.cos().mean(0), angle.sin().mean(0)
+            x1, x2 = q_sum[b, :, :Dh // 2], q_sum[b, :, Dh // 2:]
+            want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+            assert (out[b, i] - want).abs().max() <= tol, (b, i)
+    with pytest.raises(ValueError, match="inv_freq"):
+        bucket_queries(q, pos, inv_freq.float(), Hkv, SINK, WINDOW, NB)
 
 
 def brute_force_scores(k, q, pos):
@@ -199,7 +239,7 @@ def check_select_top_op():
         select_top(lat, q, pos, budget, SINK, WINDOW, 500)
 
 
-N_CHILD_TESTS = 60 + 18 + 1
+N_CHILD_TESTS = 8 + 60 + 18 + 1
 if CHILD:  # the child collects the checks as tests, and not the launcher
     assert os.environ.get("TRITON_INTERPRET") == "1"
     del test_select_kernels_in_triton_interpreter, test_ranking_key, test_reference_rule  # parent-only: no Triton

@@ -122,7 +122,7 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None =
     finite = ref_scores.isfinite()
     assert torch.equal(scores.isfinite(), finite), "scores: -inf outside the candidates, finite inside"
     err_scores = rel_err(scores[finite], ref_scores[finite])
-    idx, keep = cache.select(q, q_rope, input_pos, None)  # the reference selection, (B, [Hkv,] k)
+    idx, keep = cache.select(q, input_pos, None)  # the reference selection, (B, [Hkv,] k)
     n_split = n_split or 1 + max(1, math.ceil(idx.shape[1] / 32))  # the selection in several splits
     m, l, acc = poisoned(B, H, n_split, device=q.device), poisoned(B, H, n_split, device=q.device), \
         poisoned(B, H, n_split, Dh, device=q.device)

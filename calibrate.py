@@ -31,7 +31,7 @@ from torch import Tensor
 
 from kernels.ranking import bucket_rotations
 from model import DTYPES, KVCache, Transformer, apply_rope, default_dtype, load_model, rope_frequencies
-from sals_attention import RANKINGS, SALSConfig, distance_bucket, n_buckets
+from sals_attention import SALSConfig, distance_bucket, n_buckets
 from tp import check_tp_size, local_args
 
 ROOT = Path(__file__).resolve().parent
@@ -41,6 +41,8 @@ FORMAT = "sals-calib/1"
 # context, 16 sinks and a 64-token window included; ranking with r* = r/2 of the 25% rank.
 DEFAULTS = SALSConfig()  # the sparsity, sinks and window the overlap is measured at
 SPARSITY, SINK, WINDOW = DEFAULTS.sparsity, DEFAULTS.sink, DEFAULTS.window
+# the rankings the overlap report compares: the product's, and expected-rope (one bucket over all the distances)
+OVERLAP_RANKINGS = ("pre-rope", "expected-rope", "bucket-rope")
 POOR_OVERLAP = 0.9  # the paper's bar: layers that rank worse are candidates for staying dense
 MIN_EVAL_LEN = 1024  # shorter contexts leave (almost) no budget beyond sinks and window
 
@@ -123,7 +125,7 @@ def cut_sequences(tokens: Tensor, start: int, n: int, length: int, bos: list[int
 class KeyStats(nn.Module):
     """A dense KVCache that also looks at the pre-RoPE q and k passing through it: it accumulates
     the keys' second moment while `basis` is None, and scores latent top-k (overlap_score, every ranking
-    of RANKINGS) with `basis` (D, r*) once set. Each call must hold whole sequences starting at position 0."""
+    of OVERLAP_RANKINGS) with `basis` (D, r*) once set. Each call must hold whole sequences starting at position 0."""
 
     def __init__(self, cache: KVCache, width: int, inv_freq: Tensor):
         super().__init__()
@@ -131,7 +133,7 @@ class KeyStats(nn.Module):
         self.register_buffer("second_moment", torch.zeros(width, width, dtype=torch.float64), persistent=False)
         self.n_tokens = 0
         self.basis: Tensor | None = None
-        self.overlaps: dict[str, list[float]] = {r: [] for r in RANKINGS}
+        self.overlaps: dict[str, list[float]] = {r: [] for r in OVERLAP_RANKINGS}
 
     def forward(self, q, k, v, input_pos, rope, rows=None):
         if self.basis is None:
@@ -177,9 +179,9 @@ def overlap_score(q: Tensor, k: Tensor, rope: Tensor, basis: Tensor, sparsity: f
     q_rope = apply_rope(q[None], rope[None])[0].reshape(Hkv, H // Hkv, T, Dh)  # (Hkv, G, T, Dh)
     k_rope = apply_rope(k[None], rope[None])[0]  # (Hkv, T, Dh)
     q_sum = q.reshape(Hkv, H // Hkv, T, Dh).sum(1)  # (Hkv, T, Dh)
-    if ranking not in RANKINGS:
-        raise ValueError(f"overlap_score: unknown ranking {ranking!r} (one of {', '.join(RANKINGS)}).")
-    n_b = n_buckets(ranking, window, T)
+    if ranking not in OVERLAP_RANKINGS:
+        raise ValueError(f"overlap_score: unknown ranking {ranking!r} (one of {', '.join(OVERLAP_RANKINGS)}).")
+    n_b = 1 if ranking == "expected-rope" else n_buckets(ranking, window, T)
     q_sum = q_sum.transpose(0, 1)[:, None]  # (T, 1, Hkv, Dh)
     if n_b:
         if inv_freq is None:
@@ -290,7 +292,7 @@ def calibrate(model: Transformer, calib_seqs: Tensor, eval_seqs: Tensor, verbose
         s.basis = vecs[..., :score_dims].to(device)
     run(eval_seqs, "overlap (held-out)")
     overlap = {r: [sum(s.overlaps[r]) / len(s.overlaps[r]) if s.overlaps[r] else float("nan") for s in stats]
-               for r in RANKINGS}
+               for r in OVERLAP_RANKINGS}
     model.setup_caches(1, S_max)  # drop the wrappers: the model is left with plain dense caches
     report = {"energy_25": energy(eigvals, r25).tolist(), "energy_125": energy(eigvals, r125).tolist(),
               "overlap": overlap["pre-rope"], "overlap_expected_rope": overlap["expected-rope"],

@@ -13,12 +13,14 @@ dense layers unless a method overrides them, so they attend the same budget):
   dense       model.KVCache in every layer
   sals-25     SALSConfig.preset(0.25): latent rank D/4, 4-bit values (the default: kv-head selection, bucket-rope)
   sals-12.5   SALSConfig.preset(0.125): latent rank D/8, 2-bit values
-  oracle      exact top-k by the true post-RoPE logits, full-rank keys, 16-bit values (SALS's ceiling)
+  oracle      exact top-k by the true post-RoPE logits, full-rank keys, 16-bit values (SALS's ceiling;
+              eval_variants.OracleCache)
   oracle-head the same, but each KV head its own top-k (the ceiling of per-head selection)
   streaming   StreamingLLM: the sinks plus a recent window filling the whole budget, nothing selected
   CANDIDATES below (issue 14's configurations), and any --define NAME BASE JSON.
 The command line's SALS flags (--ranking, --window, ...) apply to every non-dense method; a method's own overrides
-come after them.
+come after them. Besides the product's rankings, --ranking and --define take the evaluation variants of
+eval_variants.py: rankings expected-rope and hybrid, selector oracle.
 
 Every method runs in the same model pass: each layer's cache is a MethodCaches holding one cache per method. A
 batch of prompts of the same length is prefilled ONCE, densely (exact causal attention, one chunk), and every
@@ -46,10 +48,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from eval_variants import RANKINGS, VariantConfig, setup_variant, variant_cache
 from generate import prefill
 from model import DTYPES, KVCache, ModelArgs, Transformer, apply_rope, default_dtype
 from kernels.ranking import select_top_reference
-from sals_attention import RANKINGS, SELECTIONS, SALSCache, SALSConfig, budget, n_buckets, setup_sals, top_k_width
+from sals_attention import SELECTIONS, SALSCache, SALSConfig, budget, top_k_width
 
 ROOT = Path(__file__).resolve().parent
 HELD_OUT = ROOT / "data" / "heldout.txt"  # the part of Pride and Prejudice that calibration never sees (data/README.md)
@@ -59,7 +62,8 @@ PRESETS = {"sals-25": 0.25, "sals-12.5": 0.125}
 # the overrides every non-dense method takes (the SALS ones take all SALSConfig fields)
 SHARED_FIELDS = ("sparsity", "sink", "window", "dense_layers", "min_tokens", "budget_tokens")
 # issue 14's candidate configurations: name -> (base, SALSConfig overrides). "paper": the paper's method as
-# SALSConfig.preset(paper=True) sets it (one pre-RoPE ranking per layer, the proportional budget alone).
+# SALSConfig.preset(paper=True) sets it (one pre-RoPE ranking per layer, the proportional budget alone). "hybrid" is
+# an evaluation variant (eval_variants.py).
 PAPER = {f: getattr(SALSConfig.preset(0.25, paper=True), f) for f in ("min_tokens", "selection", "ranking")}
 CANDIDATES = {
     f"sals-{p}-{name}": (f"sals-{p}", o) for p in ("25", "12.5") for name, o in [
@@ -95,20 +99,20 @@ def method_named(name: str, defined: dict[str, Method] | None = None) -> Method:
                      f"with --define NAME BASE JSON.")
 
 
-def method_config(method: Method, context: int, overrides: dict | None = None) -> SALSConfig | None:
-    """The SALSConfig of a method at a cache length of `context` tokens (None: dense). overrides (the command
-    line's) then the method's own: the SALS presets take every SALSConfig field, oracle and streaming only
-    SHARED_FIELDS (streaming's window is the budget at the last position minus the sinks)."""
+def method_config(method: Method, context: int, overrides: dict | None = None) -> VariantConfig | None:
+    """The config of a method at a cache length of `context` tokens (None: dense). overrides (the command line's)
+    then the method's own: the SALS presets take every VariantConfig field, oracle and streaming only SHARED_FIELDS
+    (streaming's window is the budget at the last position minus the sinks)."""
     o = {**(overrides or {}), **method.overrides}
     shared = {k: o[k] for k in SHARED_FIELDS if k in o}
     if method.base == "dense":
         return None
     if method.base in PRESETS:
-        return SALSConfig.preset(PRESETS[method.base], **o)
+        return VariantConfig.preset(PRESETS[method.base], **o)
     if method.base in ("oracle", "oracle-head"):  # oracle-head: HeadTopKCache reads only the shared fields
-        return SALSConfig(rank_fraction=1.0, value_bits=16, selector="oracle", **shared)
+        return VariantConfig(rank_fraction=1.0, value_bits=16, selector="oracle", **shared)
     if method.base == "streaming":
-        base = SALSConfig(rank_fraction=1.0, value_bits=16, **shared)
+        base = VariantConfig(rank_fraction=1.0, value_bits=16, **shared)
         n_total = int(budget(torch.tensor(context - 1), base)) + base.sink + base.window  # at the last position
         if n_total - base.sink < 1:
             raise ValueError(f"streaming at context {context}: the budget of {n_total} tokens leaves no room for a "
@@ -208,7 +212,7 @@ class MethodCaches(nn.Module):
 
 
 def setup_methods(model: Transformer, methods: list[Method], context: int, calib: dict | None,
-                  overrides: dict | None = None, batch: int = 1) -> dict[str, SALSConfig | None]:
+                  overrides: dict | None = None, batch: int = 1) -> dict[str, VariantConfig | None]:
     """Gives every layer a MethodCaches (`batch` rows per method, `context` tokens). Returns the resolved configs."""
     per_method, resolved = [], {}
     for m in methods:
@@ -220,7 +224,7 @@ def setup_methods(model: Transformer, methods: list[Method], context: int, calib
             model.setup_caches(batch, context, lambda i, a, B, S, dtype: KVCache(B, S, a.n_kv_head, a.head_dim, dtype)
                                if i in cfg.dense_layers else HeadTopKCache(cfg, B, S, a.n_kv_head, a.head_dim, dtype))
         else:
-            cfg = setup_sals(model, batch, context, cfg, calib)
+            cfg = setup_variant(model, batch, context, cfg, calib)
         resolved[m.name] = cfg
         per_method.append([layer.attention.kv_cache for layer in model.layers])
     dense = [i for i, m in enumerate(methods) if m.base == "dense"]
@@ -597,7 +601,7 @@ def paired_interval(diff: list[float], n_boot: int = 10000, seed: int = 0) -> tu
     return d.mean().item(), lo, hi
 
 
-def decode_cost(args: ModelArgs, cfg: SALSConfig | None, context: int, r_max: int) -> dict:
+def decode_cost(args: ModelArgs, cfg: VariantConfig | None, context: int, r_max: int) -> dict:
     """Memory (every byte every layer's cache allocates, 16-bit as on a GPU, batch 1, `context` tokens: as
     bench/kv_memory.py counts), bytes a decode step reads at the last position (cache.bytes_read_per_step) and its
     attention FLOPs (projections and MLP, the same for every method, left out): for a SALS layer, compressing the
@@ -613,10 +617,11 @@ def decode_cost(args: ModelArgs, cfg: SALSConfig | None, context: int, r_max: in
             return {"bytes": L * dense.bytes_allocated(), "bytes_read": L * dense.bytes_read_per_step(),
                     "flops": L * attend(context)}
         cfg = cfg.resolve(args, r_max)
-        sals = SALSCache(cfg, args, 1, context, torch.empty(D, cfg.rank, dtype=torch.bfloat16))
+        cache_class, product = variant_cache(cfg)
+        sals = cache_class(product, args, 1, context, torch.empty(D, cfg.rank, dtype=torch.bfloat16))
     k, n_cand, r, rs = sals.k_max, max(0, context - cfg.sink - cfg.window), cfg.rank, cfg.score_dims
     per_head, hybrid = Hkv if cfg.selection == "kv-head" else 1, cfg.ranking == "hybrid"
-    n_queries = max(1, n_buckets(cfg.ranking, cfg.window, context)) + hybrid
+    n_queries = max(1, sals.n_buckets) + hybrid
     flops = (2 * D * r + n_queries * 2 * D * rs + (1 + hybrid) * per_head * 2 * rs * n_cand
              + 2 * r * D * k + attend(cfg.sink + cfg.window + k))
     n_dense = len(cfg.dense_layers)
@@ -870,10 +875,11 @@ def parse_args(argv=None):
             o = json.loads(spec)
         except json.JSONDecodeError as e:
             p.error(f"--define {name}: {spec!r} is not a JSON object ({e}).")
-        unknown = set(o) - set(SALSConfig.__dataclass_fields__) if isinstance(o, dict) else {spec}
+        unknown = set(o) - set(VariantConfig.__dataclass_fields__) if isinstance(o, dict) else {spec}
         if unknown or base not in BASES:
             p.error(f"--define {name}: the base must be one of {', '.join(BASES)} and the JSON an object of "
-                    f"SALSConfig fields ({', '.join(SALSConfig.__dataclass_fields__)}); got {base!r}, {spec!r}.")
+                    f"VariantConfig fields ({', '.join(VariantConfig.__dataclass_fields__)}); got {base!r}, "
+                    f"{spec!r}.")
         if "dense_layers" in o:
             o["dense_layers"] = tuple(o["dense_layers"])
         defined[name] = Method(name, base, o)

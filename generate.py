@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # --dtype choices: model.DTYPES, named before torch is imported
-# sals_attention's RANKINGS and SELECTIONS that users run (the others are evaluation variants: evals.py)
+# sals_attention's RANKINGS and SELECTIONS, named before torch is imported
 SALS_RANKINGS = ("pre-rope", "bucket-rope")
 SALS_SELECTIONS = ("layer", "kv-head")
 

@@ -23,16 +23,15 @@ from model import KVCache, ModelArgs, apply_rope, attend, rope_frequencies, rope
 
 GROUP = 32  # value channels sharing one scale and zero
 
-# How a decode step ranks the compressed tokens: "pre-rope" by the RoPE-free q.k (the paper); "expected-rope" by
-# q.k with q rotated by RoPE's rotation averaged over the candidates' distances; "bucket-rope" the same average taken
-# per distance bucket [W 2^i, W 2^(i+1)) (W the window), each token ranked by its bucket's query: a narrower range of
-# distances damps fewer RoPE frequencies (EVAL.md section 7). Both are bucket_rotations, with one bucket or several.
-# "hybrid": half of the selection by pre-rope (what a token says, at any distance: retrieval), the other half by
-# bucket-rope among the tokens left (where attention goes: perplexity); on SmolLM2 each wins one of the two.
-RANKINGS = ("pre-rope", "expected-rope", "bucket-rope", "hybrid")
+# How a decode step ranks the compressed tokens: "pre-rope" by the RoPE-free q.k (the paper); "bucket-rope" by q.k
+# with q rotated by RoPE's rotation averaged over the candidates' distances in each distance bucket [W 2^i, W 2^(i+1))
+# (W the window), each token ranked by its bucket's query: the RoPE-free score misses where attention goes, and a
+# narrower range of distances damps fewer RoPE frequencies than one average over all of them (EVAL.md). The rankings
+# that lost, and the exact ranking that bounds them, are evaluation-only: eval_variants.py.
+RANKINGS = ("pre-rope", "bucket-rope")
 # Who chooses the attended tokens: "layer" one ranking per layer, shared by its heads (the paper); "kv-head" each KV
 # head by its own latent query (its G query heads), because on SmolLM2 one shared set loses the few retrieval heads'
-# tokens (EVAL.md sections 5-6).
+# tokens (EVAL.md).
 SELECTIONS = ("layer", "kv-head")
 # The proportional budget alone attends only the sinks and the window below (sink + window) / sparsity tokens (640 at
 # the defaults): a streaming cache on short prompts, which then miss what dense attention finds (EVAL.md).
@@ -51,7 +50,6 @@ class SALSConfig:
     sink: int = 16
     window: int = 64
     dense_layers: tuple[int, ...] | None = None  # layers keeping a dense KVCache; None: (0, 1, L-1)
-    selector: str = "latent"  # "oracle": exact top-k by true post-RoPE logits (evaluation only)
     ranking: str = "pre-rope"  # how the latent query ranks tokens, one of RANKINGS; "pre-rope" is the paper's
     selection: str = "layer"  # one of SELECTIONS; "layer" is the paper's
 
@@ -96,20 +94,18 @@ class SALSConfig:
                                                    f"window {self.window}).")
         dense = self.dense_layers if self.dense_layers is not None else {0, 1, L - 1} & set(range(L))
         check(all(0 <= i < L for i in dense), f"dense_layers {sorted(dense)} must be layer ids in 0..{L - 1}.")
-        check(self.selector in ("latent", "oracle"), f"selector {self.selector!r} is not 'latent' or 'oracle'.")
-        check(self.ranking in RANKINGS, f"ranking {self.ranking!r} is not one of {', '.join(RANKINGS)}.")
+        check(self.ranking in RANKINGS, f"ranking {self.ranking!r} is not one of {', '.join(RANKINGS)} (the "
+                                        f"evaluation variants run in evals.py).")
         check(self.selection in SELECTIONS, f"selection {self.selection!r} is not one of {', '.join(SELECTIONS)}.")
-        check(self.selection == "layer" or self.selector == "latent",
-              "the oracle selects per layer; per-KV-head oracle selection is evals.py's method oracle-head.")
         return replace(self, rank=r, score_dims=rs, dense_layers=tuple(sorted(set(dense))))
 
 
 def n_buckets(ranking: str, window: int, max_seq_length: int) -> int:
     """How many distance buckets [window 2^i, window 2^(i+1)) a ranking averages RoPE's rotation over in a cache of
-    max_seq_length positions: 0 for "pre-rope" (no rotation), 1 for "expected-rope" (all candidates at once)."""
-    if ranking in ("bucket-rope", "hybrid"):
-        return max(1, math.ceil(math.log2(max(max_seq_length, 2 * window) / window)))
-    return int(ranking == "expected-rope")
+    max_seq_length positions: 0 for "pre-rope" (no rotation)."""
+    if ranking == "pre-rope":
+        return 0
+    return max(1, math.ceil(math.log2(max(max_seq_length, 2 * window) / window)))
 
 
 def distance_bucket(d: Tensor, window: int, n: int) -> Tensor:
@@ -208,6 +204,9 @@ class SALSCache(nn.Module):
         super().__init__()
         if cfg.rank is None:
             raise ValueError("SALSCache needs a resolved config: cfg.resolve(args, r_max).")
+        if type(cfg) is not SALSConfig:  # fields of a subclass would be ignored here
+            raise ValueError(f"SALSCache runs a SALSConfig, not a {type(cfg).__name__}: an evaluation variant's cache "
+                             f"is built by evals.py (eval_variants.setup_variant).")
         B, S, Hkv, Dh = batch_size, max_seq_length, args.n_kv_head, args.head_dim
         r, rs = cfg.rank, cfg.score_dims
         if tuple(U.shape) != (Hkv * Dh, r):
@@ -215,7 +214,7 @@ class SALSCache(nn.Module):
                              f"({Hkv * Dh}, {r}).")
         self.n_kv_head, self.head_dim, self.G, self.rs = Hkv, Dh, args.n_head // Hkv, rs
         self.n_sink, self.window, self.bits, self.sparsity = cfg.sink, cfg.window, cfg.value_bits, cfg.sparsity
-        self.oracle, self.ranking, self.per_head = cfg.selector == "oracle", cfg.ranking, cfg.selection == "kv-head"
+        self.per_head = cfg.selection == "kv-head"
         self.fused = fused
         self.n_buckets = n_buckets(cfg.ranking, cfg.window, S)  # distance buckets of RoPE's mean rotation
         self.rope = rope_table(args, S) if rope is None else rope
@@ -239,7 +238,6 @@ class SALSCache(nn.Module):
             "window_pos": torch.full((B, cfg.window), -1, dtype=torch.int32),  # position in each slot, -1 empty
             # budget() of every position, looked up by the fused step: one gather instead of ~7 tiny float64 kernels
             "n_attend": budget(torch.arange(S), cfg).int(),
-            "k_full": full(S) if self.oracle else None,  # oracle only: exact post-RoPE keys for the ranking
         }
         for name, t in buffers.items():
             self.register_buffer(name, t, persistent=False)
@@ -249,15 +247,14 @@ class SALSCache(nn.Module):
 
     def bytes_read_per_step(self) -> int:
         """What a decode step reads: the ranking prefix of every slot, the selected tokens' latents (once per KV
-        head with kv-head selection) and values, sinks, window and U (the oracle's full keys too)."""
-        B, S = self.k_lat_score.shape[:2]
+        head with kv-head selection) and values, sinks, window and U."""
+        B = self.k_lat_score.shape[0]
         per_token = lambda *ts: sum(t[0, 0].numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
-        whole = lambda *ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
         n_lat = self.n_kv_head if self.per_head else 1
         selected = B * self.k_max * (n_lat * per_token(self.k_lat_score, self.k_lat_rest)
                                      + per_token(self.v_q, self.v_scale, self.v_zero))
-        return (whole(self.k_lat_score, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.U,
-                      self.k_full) + selected)
+        whole = (self.k_lat_score, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.U)
+        return sum(t.numel() * t.element_size() for t in whole) + selected
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor,
                 rows: Tensor | None = None) -> Tensor:
@@ -276,7 +273,7 @@ class SALSCache(nn.Module):
             return self.fused_decode(q, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
         q_rope = apply_rope(q, rope)
         self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
-        idx, keep = self.select(q, q_rope, input_pos, rows)  # 2-4. rank, top-k within the budget; (b, [Hkv,] k)
+        idx, keep = self.select(q, input_pos, rows)  # 2-4. rank, top-k within the budget; (b, [Hkv,] k)
         return self.attend_selected(q_rope, b, input_pos, idx, keep)  # 5-6.
 
     def attend_selected(self, q_rope: Tensor, b: Tensor, input_pos: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
@@ -301,7 +298,7 @@ class SALSCache(nn.Module):
         self.check_rope(q.device)
         compress_step(k, k_rope, v, input_pos, self.U, self.k_lat_score, self.k_lat_rest, self.v_q, self.v_scale,
                       self.v_zero, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.bits)
-        q_lat = self.latent_query(q, input_pos).reshape(len(q), max(1, self.n_buckets), -1, self.rs)  # (B, NB, NQ, r*)
+        q_lat = self.fused_latent_query(q, input_pos)  # (B, NB, NQ, r*)
         idx, keep = select_top(self.k_lat_score, q_lat, input_pos, self.n_attend[input_pos[:, 0]], self.n_sink,
                                self.window, self.k_max)  # (B, NQ, k_max)
         y = decode_attention(q[:, :, 0], self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, input_pos,
@@ -310,10 +307,7 @@ class SALSCache(nn.Module):
         return y[:, :, None]
 
     def check_fused(self, rows: Tensor | None):
-        """The Triton step runs every configuration users run; the others are refused rather than run slowly."""
-        if self.oracle or self.ranking == "hybrid":
-            raise ValueError(f"the {'oracle selector' if self.oracle else 'hybrid ranking'} has no GPU kernel: it is "
-                             f"an evaluation variant; run it on CPU, or build the cache with fused=False.")
+        """The Triton step runs all rows at once; a subset is refused rather than run slowly."""
         if rows is not None:
             raise ValueError("the fused decode step runs all rows of the cache at once; decode a subset of rows on "
                              "CPU, or build the cache with fused=False.")
@@ -325,76 +319,78 @@ class SALSCache(nn.Module):
 
     def latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
         """(b, r*): each KV group's G query heads summed (pre-RoPE), concatenated to width D, @ U[:, :r*];
-        "expected-rope" ranking rotates the sums by bucket_rotations' one bucket first (the same map for every head,
-        so rotating the sum equals summing the rotated heads); "bucket-rope" by each distance bucket's rotation, one
-        query per bucket: (b, n_buckets, r*); "hybrid" the bucket ones, then the pre-RoPE one: (b, n_buckets + 1, r*).
-        q (b, H, 1, Dh), input_pos (b, 1).
-        kv-head selection: (b, [n_buckets,] Hkv, r*), KV head h's sum alone, placed in its rows,
-        q_sum_h @ U[h*Dh:(h+1)*Dh, :r*] (the layer's query is the sum of these over h)."""
+        "bucket-rope" ranking rotates the sums by each distance bucket's mean rotation first (the same map for every
+        head, so rotating the sum equals summing the rotated heads), one query per bucket: (b, n_buckets, r*), or
+        (b, r*) with one bucket. q (b, H, 1, Dh), input_pos (b, 1). kv-head selection: (b, [n_buckets,] Hkv, r*)."""
         q_sum = q[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
         if self.n_buckets:
-            rot = bucket_rotations(self.inv_freq, input_pos, self.n_sink, self.window, self.n_buckets)
-            q_rot = apply_rope(q_sum[:, None], rot[:, :, None])  # (b, n_buckets, Hkv, Dh)
-            if self.ranking == "hybrid":
-                q_sum = torch.cat([q_rot, q_sum[:, None]], 1)  # (b, n_buckets + 1, Hkv, Dh)
-            else:
-                q_sum = q_rot if self.n_buckets > 1 else q_rot[:, 0]
+            q_rot = self.rotate(q_sum, input_pos)  # (b, n_buckets, Hkv, Dh)
+            q_sum = q_rot if self.n_buckets > 1 else q_rot[:, 0]
+        return self.project(q_sum)
+
+    def fused_latent_query(self, q: Tensor, input_pos: Tensor) -> Tensor:
+        """latent_query as the fused step computes it, (B, NB, NQ, r*): the bucket rotations in one Triton kernel
+        (kernels/bucket_query.py) rather than some twenty small ones."""
+        from kernels.bucket_query import bucket_queries
+        if self.n_buckets:
+            q_lat = self.project(bucket_queries(q[:, :, 0], input_pos, self.inv_freq, self.n_kv_head, self.n_sink,
+                                                self.window, self.n_buckets))
+        else:
+            q_lat = self.latent_query(q, input_pos)
+        return q_lat.reshape(len(q), max(1, self.n_buckets), -1, self.rs)
+
+    def rotate(self, q_sum: Tensor, input_pos: Tensor) -> Tensor:
+        """Head sums (b, Hkv, Dh) rotated by each distance bucket's mean rotation (bucket_rotations):
+        (b, n_buckets, Hkv, Dh)."""
+        rot = bucket_rotations(self.inv_freq, input_pos, self.n_sink, self.window, self.n_buckets)
+        return apply_rope(q_sum[:, None], rot[:, :, None])
+
+    def project(self, q_sum: Tensor) -> Tensor:
+        """Head sums (..., Hkv, Dh) -> latent queries (..., r*): concatenated, @ U[:, :r*]. kv-head selection:
+        (..., Hkv, r*), KV head h's sum alone, placed in its rows, q_sum_h @ U[h*Dh:(h+1)*Dh, :r*] (the layer's query
+        is the sum of these over h)."""
         if self.per_head:
             U_h = self.U[:, :self.rs].unflatten(0, (self.n_kv_head, self.head_dim))  # (Hkv, Dh, r*)
             # one bmm batched over heads: q_sum[..., None, :] @ U_h would broadcast U_h to every row and bucket
             return torch.einsum("...hd,hdr->...hr", q_sum, U_h)
         return q_sum.flatten(-2) @ self.U[:, :self.rs]
 
-    def scores(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> Tensor:
+    def scores(self, q: Tensor, input_pos: Tensor, rows: Tensor | None) -> Tensor:
         """Steps 2-3: the ranking score (b, S) of every cache position (unwritten ones are garbage), (b, Hkv, S)
-        with kv-head selection.
-        Latent: q_lat = latent_query(q, input_pos); with "pre-rope" ranking, q_lat . k_lat_j is exactly the sum
-        over heads of the pre-RoPE q.k when r* = D, with "expected-rope" the mean of the post-RoPE one over the
-        candidates' distances, with "bucket-rope" over the candidates' distances in j's distance bucket; "hybrid":
-        (b, 2, [Hkv,] S), the pre-rope and the bucket-rope scores; oracle: the sum over heads of the true post-RoPE
-        q.k."""
-        if self.oracle:
-            k_full = self.k_full if rows is None else self.k_full[rows]
-            q_sum = q_rope[:, :, 0].unflatten(1, (self.n_kv_head, self.G)).sum(2)  # (b, Hkv, Dh)
-            return torch.einsum("bshd,bhd->bs", k_full, q_sum)
+        with kv-head selection: q_lat . k_lat_j, with "pre-rope" ranking exactly the sum over heads of the pre-RoPE
+        q.k when r* = D, with "bucket-rope" the mean of the post-RoPE one over the candidates' distances in j's
+        distance bucket."""
+        s = self.latent_scores(self.latent_query(q, input_pos), rows)  # (b, [n_buckets,] [Hkv,] S)
+        return self.by_bucket(s, input_pos) if self.n_buckets > 1 else s
+
+    def latent_scores(self, q_lat: Tensor, rows: Tensor | None) -> Tensor:
+        """q_lat (b, ..., r*) . k_lat_j of every cache position: (b, ..., S)."""
         k_lat = self.k_lat_score if rows is None else self.k_lat_score[rows]  # (b, S, r*)
-        q_lat = self.latent_query(q, input_pos)  # (b, [n_buckets,] [Hkv,] r*)
         # at least float32, as the scoring kernel: 16-bit scores tie often, and ties rank in no defined order
         wide = torch.promote_types(k_lat.dtype, torch.float32)
-        q_all = q_lat.to(wide).reshape(len(k_lat), -1, self.rs)  # (b, [n_buckets*][Hkv], r*)
-        s = (q_all @ k_lat.to(wide).transpose(1, 2)).view(*q_lat.shape[:-1], -1)  # k_lat read once for all queries
-        hybrid = self.ranking == "hybrid"
-        s, pre = (s[:, :-1], s[:, -1]) if hybrid else (s, None)
-        if self.n_buckets > 1 or hybrid:  # each position scored by the query of its distance's bucket
-            bucket = distance_bucket(input_pos - torch.arange(s.shape[-1], device=s.device), self.window,
-                                     self.n_buckets)  # (b, S)
-            s = s.gather(1, bucket.view(len(s), 1, *(1,) * (s.dim() - 3), -1).expand(len(s), 1, *s.shape[2:]))[:, 0]
-        return torch.stack([pre, s], 1) if hybrid else s
+        q_all = q_lat.to(wide).reshape(len(k_lat), -1, self.rs)  # (b, n, r*)
+        return (q_all @ k_lat.to(wide).transpose(1, 2)).view(*q_lat.shape[:-1], -1)  # k_lat read once for all queries
 
-    def select(self, q: Tensor, q_rope: Tensor, input_pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    def by_bucket(self, s: Tensor, input_pos: Tensor) -> Tensor:
+        """Scores (b, n_buckets, [Hkv,] S), one per bucket's query -> (b, [Hkv,] S): each position scored by the query
+        of its distance's bucket."""
+        bucket = distance_bucket(input_pos - torch.arange(s.shape[-1], device=s.device), self.window,
+                                 self.n_buckets)  # (b, S)
+        return s.gather(1, bucket.view(len(s), 1, *(1,) * (s.dim() - 3), -1).expand(len(s), 1, *s.shape[2:]))[:, 0]
+
+    def select(self, q: Tensor, input_pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         """Step 4: positions (b, k_max) of the top compressed tokens sink <= j <= pos - window, and which of
         them are attended (b, k_max): the first budget() of each row.
         kv-head selection: (b, Hkv, k_max), each KV head's own top tokens within the same budget."""
-        s = self.scores(q, q_rope, input_pos, rows)  # (b, [2,] [Hkv,] S)
+        s = self.scores(q, input_pos, rows)  # (b, [Hkv,] S)
         j = torch.arange(s.shape[-1], device=s.device)
-        pos = input_pos.view(len(s), *(1,) * (s.dim() - 1))  # (b, [1,] [1,] 1)
-        s = s.masked_fill((j < self.n_sink) | (j > pos - self.window), -math.inf)
-        return self.top_hybrid(s[:, 0], s[:, 1], input_pos) if self.ranking == "hybrid" else self.top(s, input_pos)
+        pos = input_pos.view(len(s), *(1,) * (s.dim() - 1))  # (b, [1,] 1)
+        return self.top(s.masked_fill((j < self.n_sink) | (j > pos - self.window), -math.inf), input_pos)
 
     def top(self, s: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
         """Top k_max of scores s (b, [Hkv,] S) (-inf outside the candidates) and which are within each row's budget
         (the n_attend table, as the fused step)."""
         return select_top_reference(s, self.n_attend[input_pos[:, 0]], self.k_max)
-
-    def top_hybrid(self, s_pre: Tensor, s_rope: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """"hybrid" selection from scores (b, [Hkv,] S): the top half of each row's budget by s_pre, then the rest by
-        s_rope among the tokens not taken; (b, [Hkv,] k_max) positions and which are attended, as top()."""
-        n_b = self.n_attend[input_pos[:, 0]]  # (b,)
-        k1 = self.k_max // 2  # n_b // 2 <= k1 and n_b - n_b // 2 <= k_max - k1
-        idx1, keep1 = select_top_reference(s_pre, n_b // 2, k1)
-        taken = torch.zeros_like(s_rope, dtype=torch.long).scatter_add_(-1, idx1, keep1.long()) > 0
-        idx2, keep2 = select_top_reference(s_rope.masked_fill(taken, -math.inf), n_b - n_b // 2, self.k_max - k1)
-        return torch.cat([idx1, idx2], -1), torch.cat([keep1, keep2], -1)
 
     def keys(self, b: Tensor, idx: Tensor) -> Tensor:
         """Post-RoPE keys (n, k, Hkv, Dh) of positions idx (n, k) of rows b, rebuilt from their latents
@@ -430,8 +426,6 @@ class SALSCache(nn.Module):
         else:
             packed, scale, zero = quantize_values(vt, self.bits)
             self.v_q[bt, input_pos], self.v_scale[bt, input_pos], self.v_zero[bt, input_pos] = packed, scale, zero
-        if self.oracle:
-            self.k_full[bt, input_pos] = kt
         if self.n_sink:
             sink, ok = input_pos.clamp(max=self.n_sink - 1), input_pos < self.n_sink
             _put(self.sink_k, bt, sink, kt, ok)
@@ -459,10 +453,11 @@ class SALSCache(nn.Module):
 
 
 def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, calib: dict,
-               fused: bool | None = None) -> SALSConfig:
-    """Allocates the model's caches: model.KVCache in cfg's dense layers, SALSCache in the others with
-    U = the layer's top-r calibrated eigenvectors (calib: the dict of calibrate.load_calibration); fused as in
-    SALSCache and KVCache (both kinds of layer alike). Returns the resolved config."""
+               fused: bool | None = None, cache_class: type[SALSCache] = SALSCache) -> SALSConfig:
+    """Allocates the model's caches: model.KVCache in cfg's dense layers, cache_class (SALSCache, or an evaluation
+    variant's subclass) in the others with U = the layer's top-r calibrated eigenvectors (calib: the dict of
+    calibrate.load_calibration); fused as in SALSCache and KVCache (both kinds of layer alike). Returns the resolved
+    config."""
     a = model.args
     D, vecs = a.n_kv_head * a.head_dim, calib["eigvecs"]
     if len(vecs) != a.n_layer or any(vec.ndim != 2 or vec.shape[0] != D for vec in vecs):
@@ -473,6 +468,6 @@ def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, cal
     def make_cache(i, args, B, S, dtype):
         if i in cfg.dense_layers:
             return KVCache(B, S, args.n_kv_head, args.head_dim, dtype, fused)
-        return SALSCache(cfg, args, B, S, vecs[i][:, :cfg.rank].to(dtype), model.rope, fused)  # one shared table
+        return cache_class(cfg, args, B, S, vecs[i][:, :cfg.rank].to(dtype), model.rope, fused)  # one shared table
     model.setup_caches(batch_size, max_seq_length, make_cache)
     return cfg

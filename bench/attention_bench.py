@@ -86,11 +86,6 @@ def attention_step(cache: SALSCache, q, input_pos, idx, keep, cfg: dict | None =
                             cache.v_scale, cache.v_zero, cache.bits)
 
 
-def latent_queries(cache: SALSCache, q, input_pos):
-    """The fused step's scoring queries (B, NB, NQ, r*): distance buckets and rankings (one per layer or KV head)."""
-    return cache.latent_query(q, input_pos).reshape(len(q), max(1, cache.n_buckets), -1, cache.rs)
-
-
 def select_step(cache: SALSCache, q_lat, input_pos):
     """kernels/topk.select_top (scores and selection) as the fused step calls it: idx, keep (B, NQ, k_max)."""
     from kernels.topk import select_top
@@ -113,7 +108,7 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None =
     from kernels.topk import select_state
     B, H, _, Dh = q.shape
     q_rope = apply_rope(q, rope)
-    q_lat = latent_queries(cache, q, input_pos)
+    q_lat = cache.fused_latent_query(q, input_pos)
     NQ, S = q_lat.shape[2], cache.k_lat_score.shape[1]
     scores = poisoned(B, NQ, S, device=q.device)
     launch_latent_scores(cache.k_lat_score, q_lat, input_pos, cache.n_sink, cache.window, scores,
@@ -122,7 +117,7 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None =
     finite = ref_scores.isfinite()
     assert torch.equal(scores.isfinite(), finite), "scores: -inf outside the candidates, finite inside"
     err_scores = rel_err(scores[finite], ref_scores[finite])
-    idx, keep = cache.select(q, q_rope, input_pos, None)  # the reference selection, (B, [Hkv,] k)
+    idx, keep = cache.select(q, input_pos, None)  # the reference selection, (B, [Hkv,] k)
     n_split = n_split or 1 + max(1, math.ceil(idx.shape[1] / 32))  # the selection in several splits
     m, l, acc = poisoned(B, H, n_split, device=q.device), poisoned(B, H, n_split, device=q.device), \
         poisoned(B, H, n_split, Dh, device=q.device)
@@ -211,16 +206,16 @@ def sals_pieces(cache: SALSCache, q, k, v, pos, rope) -> dict[str, float]:
     from kernels.topk import select_state
     state = {name: t.clone() for name, t in cache.named_buffers()}
     k_rope = apply_rope(k, rope)
-    q_lat = latent_queries(cache, q, pos)
+    q_lat = cache.fused_latent_query(q, pos)
     idx, keep = select_step(cache, q_lat, pos)
     B, S = cache.k_lat_score.shape[:2]
     scores, hist = poisoned(B, q_lat.shape[2], S, device=q.device), select_state(B * q_lat.shape[2], S, device=q.device)
     times = {"compress": graph_us(lambda: compress_step(
                  k, k_rope, v, pos, cache.U, cache.k_lat_score, cache.k_lat_rest, cache.v_q, cache.v_scale,
                  cache.v_zero, cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits)),
-             "scores": graph_us(lambda: launch_latent_scores(cache.k_lat_score, latent_queries(cache, q, pos), pos,
+             "scores": graph_us(lambda: launch_latent_scores(cache.k_lat_score, cache.fused_latent_query(q, pos), pos,
                                                              cache.n_sink, cache.window, scores, hist)),
-             "score+select": graph_us(lambda: select_step(cache, latent_queries(cache, q, pos), pos)),
+             "score+select": graph_us(lambda: select_step(cache, cache.fused_latent_query(q, pos), pos)),
              "attention": graph_us(lambda: attention_step(cache, q, pos, idx, keep))}
     for name, t in cache.named_buffers():
         t.copy_(state[name])
@@ -373,7 +368,7 @@ def sweep(shape: str, S: int, B: int) -> list[str]:
     family = "mha" if H == Hkv else "gqa"
     cache, q, k, v, pos, rope = random_cache(B, S, H, Hkv, 128, 0.125, device="cuda", seed=7)
     q_rope = apply_rope(q, rope)
-    idx, keep = select_step(cache, latent_queries(cache, q, pos), pos)
+    idx, keep = select_step(cache, cache.fused_latent_query(q, pos), pos)
     ref = cache.attend_selected(q_rope, torch.arange(B, device="cuda"), pos, idx, keep)
     flop = 2 * int(keep.sum()) * cache.U.numel()
     args = (q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, pos,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device calls (one NVIDIA GPU, < 10 min each): `bash bench/gpu.sh MODE...` runs each mode in turn; logs in $OUT, every
 # table printed again at the end. Each step has its own time limit, so a slow one leaves the others their time.
-#   check     the SALS kernels and the whole step against the PyTorch reference at real sizes
+#   check     the SALS kernels and the whole step against the PyTorch reference at real sizes; the bucket-query kernel
 #   dense     the dense split-KV kernel's launch settings against the copy ceiling (checked against SDPA flash)
 #   select    scoring + selection micro-benchmarks
 #   layer     one layer, SALS-12.5% and 25% (per-layer and per-KV-head bucket selection) against every dense
@@ -21,7 +21,8 @@ step() { local limit=$1 log=$2; shift 2; echo "== $* (limit ${limit}s)"
 targets=(mistral-7b:32768:8 mistral-7b:32768:16 mistral-7b:4096:8 mistral-7b:4096:16 llama-2-7b:4096:16
          llama-2-7b:4096:8 llama-2-7b:32768:8 llama-2-7b:8192:1 llama-2-7b:32768:1 mistral-7b:32768:1)
 for mode in "$@"; do case $mode in
-check) step 110 check python bench/attention_bench.py --check ;;
+check) step 110 check python bench/attention_bench.py --check
+       step 60 bucket_query python -m kernels.bucket_query ;;
 dense) step 170 dense python -m kernels.decode_attention --variants ;;
 select) step 120 select python -m kernels.topk 1 8 ;;
 layer)

@@ -22,7 +22,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import calibrate as cal  # noqa: E402
 from model import KVCache, load_model, rope_frequencies  # noqa: E402
-from sals_attention import RANKINGS  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -37,7 +36,7 @@ def shared_overlap(model, eval_seqs, bases) -> dict[str, list[float]]:
         s.basis = basis
     for seq in eval_seqs:
         model(seq[None], torch.arange(len(seq))[None])
-    return {r: [sum(s.overlaps[r]) / len(s.overlaps[r]) for s in stats] for r in RANKINGS}
+    return {r: [sum(s.overlaps[r]) / len(s.overlaps[r]) for s in stats] for r in cal.OVERLAP_RANKINGS}
 
 
 def main(argv=None):
@@ -72,12 +71,12 @@ def main(argv=None):
           f"(r* {per_rank['score_dims']}); {n_seqs} x {seq_len} calibration tokens, overlap on {n_eval} x {eval_len} "
           f"held-out tokens\n")
     head = ["layer", "energy 25% joint", "per-rank", "energy 12.5% joint", "per-rank"]
-    for r in RANKINGS:
+    for r in cal.OVERLAP_RANKINGS:
         head += [f"overlap {r} joint", "per-rank", "reduced"]
     rows = []
     for i in range(model.args.n_layer):
         row = [joint["energy_25"][i], per_rank["energy_25"][i], joint["energy_125"][i], per_rank["energy_125"][i]]
-        for r in RANKINGS:
+        for r in cal.OVERLAP_RANKINGS:
             row += [joint[names[r]][i], per_rank[names[r]][i], reduced[r][i]]
         rows.append(row)
     print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))

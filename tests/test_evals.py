@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import evals
 from calibrate import load_calibration
 from model import ModelArgs, Transformer, load_model, rope_frequencies
-from sals_attention import RANKINGS, budget
+from eval_variants import RANKINGS, ExpectedRopeCache, HybridCache, OracleCache, VariantConfig
+from sals_attention import SALSCache, budget
 from tokenizer import load_tokenizer
 
 EXACT = {"rank_fraction": 1.0, "value_bits": 16, "sparsity": 1.0}  # a SALS cache that loses nothing
@@ -220,7 +221,10 @@ def test_ranking_override_reaches_the_sals_caches(real, ranking):
     assert a.ranking == ranking
     evals.setup_methods(model, a.methods, 1024, calib, {"ranking": a.ranking})
     sals, oracle = model.layers[5].attention.kv_cache.caches
-    assert sals.ranking == ranking and oracle.oracle  # the oracle ranks by true logits whatever --ranking says
+    cache_class, n_buckets = {"pre-rope": (SALSCache, 0), "bucket-rope": (SALSCache, 4),  # 1024 tokens, window 64
+                              "expected-rope": (ExpectedRopeCache, 1), "hybrid": (HybridCache, 4)}[ranking]
+    assert type(sals) is cache_class and sals.n_buckets == n_buckets
+    assert type(oracle) is OracleCache  # the oracle ranks by true logits whatever --ranking says
     with pytest.raises(SystemExit):
         evals.parse_args(["--ranking", "post-rope"])
 
@@ -303,11 +307,10 @@ def test_head_topk_cache_attends_each_heads_own_top_tokens(min_tokens):
     (fewer candidates than the top-k width), the one at 150 120 tokens."""
     from kernels.ranking import ranking_key
     from model import apply_rope, rope_table
-    from sals_attention import SALSConfig
     torch.manual_seed(0)
     B, H, Hkv, Dh, S = 2, 6, 3, 16, 200
-    cfg = SALSConfig(rank_fraction=1.0, value_bits=16, selector="oracle", sink=4, window=8, sparsity=0.25,
-                     dense_layers=(), min_tokens=min_tokens)
+    cfg = VariantConfig(rank_fraction=1.0, value_bits=16, selector="oracle", sink=4, window=8, sparsity=0.25,
+                        dense_layers=(), min_tokens=min_tokens)
     args = ModelArgs(vocab_size=1, dim=H * Dh, n_layer=1, n_head=H, n_kv_head=Hkv, head_dim=Dh,
                      intermediate_size=1, max_position_embeddings=S)
     cache = evals.HeadTopKCache(cfg, B, S, Hkv, Dh, torch.float32)
@@ -442,13 +445,13 @@ def test_decode_cost_counts_what_kv_memory_counts():
     assert dense["bytes"] == dense["bytes_read"] == kv_memory.cache_bytes(args, 1, 8192, None)
     assert dense["flops"] == 30 * 4 * 9 * 64 * 8192
     for f in (0.25, 0.125):
-        c = evals.decode_cost(args, SALSConfig.preset(f, paper=True), 8192, 192)
+        c = evals.decode_cost(args, VariantConfig.preset(f, paper=True), 8192, 192)
         assert c["bytes"] == kv_memory.cache_bytes(args, 1, 8192, SALSConfig.preset(f))
         assert c["bytes_read"] < dense["bytes_read"] / 2
         r = round(192 * f)  # hand count: compress, latent query, 8112 scores, rebuild 944 keys, attend 1024 tokens
         per_layer = 2 * 192 * r + 2 * 192 * (r // 2) + 2 * (r // 2) * 8112 + 2 * r * 192 * 944 + 4 * 9 * 64 * 1024
         assert c["flops"] == 3 * 4 * 9 * 64 * 8192 + 27 * per_layer  # more than dense: rebuilding is 2 r D per key
-        kv = evals.decode_cost(args, SALSConfig.preset(f, paper=True, selection="kv-head"), 8192, 192)
+        kv = evals.decode_cost(args, VariantConfig.preset(f, paper=True, selection="kv-head"), 8192, 192)
         assert kv["bytes"] == c["bytes"] and kv["bytes_read"] > c["bytes_read"]
 
 

@@ -146,7 +146,7 @@ def test_cli_dtype_and_sals_choices_are_the_libraries():
     import model
     import sals_attention
     assert set(generate_module.DTYPE_NAMES) == set(model.DTYPES)
-    assert set(generate_module.SALS_RANKINGS) <= set(sals_attention.RANKINGS)
+    assert generate_module.SALS_RANKINGS == sals_attention.RANKINGS
     assert generate_module.SALS_SELECTIONS == sals_attention.SELECTIONS
     default = sals_attention.SALSConfig.preset(0.25)
     assert default.ranking in generate_module.SALS_RANKINGS and default.selection in generate_module.SALS_SELECTIONS

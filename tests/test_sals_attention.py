@@ -145,14 +145,14 @@ def test_quantize_real_values(real_values, bits):
 # Single layers fed with random q, k, v, checked against brute force in float64.
 
 def feed_layer(cfg: SALSConfig, args: ModelArgs, lengths: list[int], n_steps: int, U: torch.Tensor, on_step,
-               S: int = 64, scale: float = 1.0, fused: bool | None = None):
-    """Fills a SALSCache (float64): row i prefilled with lengths[i] tokens (the last row in two chunks), then
-    n_steps decode steps of all rows. on_step(cache, q, y, pos, hist) after each step; hist[i] holds row i's
-    pre-RoPE (k, v) per position, each (Hkv, Dh)."""
+               S: int = 64, scale: float = 1.0, fused: bool | None = None, cache_class: type = SALSCache):
+    """Fills a SALSCache (float64; or a subclass, cache_class): row i prefilled with lengths[i] tokens (the last row
+    in two chunks), then n_steps decode steps of all rows. on_step(cache, q, y, pos, hist) after each step; hist[i]
+    holds row i's pre-RoPE (k, v) per position, each (Hkv, Dh)."""
     gen = torch.Generator().manual_seed(7)
     H, Hkv, Dh, B = args.n_head, args.n_kv_head, args.head_dim, len(lengths)
     cfg = cfg.resolve(args, U.shape[0])
-    cache = SALSCache(cfg, args, B, S, U[:, :cfg.rank], fused=fused)
+    cache = cache_class(cfg, args, B, S, U[:, :cfg.rank], fused=fused)
     table = rope_table(args, S).double()
     hist = [[] for _ in range(B)]
 
@@ -174,36 +174,42 @@ def feed_layer(cfg: SALSConfig, args: ModelArgs, lengths: list[int], n_steps: in
     return cache
 
 
+class BruteForce:
+    """One row's ranking scores by definition, in float64 python loops: the query q (H, Dh) at pos, the row's
+    history hist, the basis U; the candidates sink <= j <= pos - window and how many of them a step selects (n)."""
+
+    def __init__(self, cfg: SALSConfig, q, pos: int, hist, U):
+        self.cfg, self.q, self.pos, self.hist, self.U = cfg, q, pos, hist, U
+        self.H, self.G = q.shape[0], q.shape[0] // hist[0][0].shape[0]
+        self.q_rope = rope64(q, pos)
+        q_sums = torch.cat([q[h * self.G:(h + 1) * self.G].sum(0) for h in range(self.H // self.G)])  # (D,)
+        self.q_lat = q_sums @ U[:, :cfg.score_dims]
+        self.cands = range(cfg.sink, pos - cfg.window + 1)
+        self.n = max(n_total(cfg, pos) - cfg.sink - cfg.window, 0)
+
+    def pre_rope(self, j: int) -> float:
+        """q_lat . k_lat_j on the ranking's r* latent coordinates."""
+        return float(self.q_lat @ (self.hist[j][0].reshape(-1) @ self.U[:, :self.cfg.rank])[:self.cfg.score_dims])
+
+    def mean_logit(self, j: int, positions) -> float:
+        """Key j seen through the ranking's r* latent coordinates (U_r* U_r*^T k): its post-RoPE logit summed over
+        heads, averaged over every position of `positions` the key could hold."""
+        Us, heads = self.U[:, :self.cfg.score_dims], torch.arange(self.H) // self.G
+        seen = (self.hist[j][0].reshape(-1) @ Us @ Us.T).view(self.hist[j][0].shape)
+        logits = [float(torch.einsum("hd,hd->", self.q_rope, rope64(seen, c)[heads])) for c in positions]
+        return sum(logits) / len(positions)
+
+    def bucket_rope(self, j: int) -> float:
+        """mean_logit over the candidate positions at a distance in the same bucket [window 2^i, window 2^(i+1)) as
+        the key's."""
+        bucket = lambda c: int(math.log2((self.pos - c) / self.cfg.window))  # noqa: E731
+        return self.mean_logit(j, [c for c in self.cands if bucket(c) == bucket(j)])
+
+
 def brute_selection(cfg: SALSConfig, q, pos: int, hist, U) -> set[int]:
-    """The positions SALS should select for one row, by definition, in float64 python loops. Expected-rope
-    ranking: each key seen through the ranking's r* latent coordinates (U_r* U_r*^T k), and its post-RoPE
-    logit summed over heads averaged over every candidate position the key could hold; bucket-rope: over the
-    candidate positions at a distance in the same bucket [window 2^i, window 2^(i+1)) as the key's; hybrid: the top
-    half of the budget by pre-rope, the rest by bucket-rope among the other candidates."""
-    H, G = q.shape[0], q.shape[0] // hist[0][0].shape[0]
-    q_r = rope64(q, pos)
-    q_lat = torch.cat([q[h * G:(h + 1) * G].sum(0) for h in range(H // G)]) @ U[:, :cfg.score_dims]
-    cands = range(cfg.sink, pos - cfg.window + 1)
-    Us, heads = U[:, :cfg.score_dims], torch.arange(H) // G
-    bucket = lambda c: int(math.log2((pos - c) / cfg.window))  # noqa: E731  a candidate's distance bucket
-
-    def mean_logit(j):  # key j's latent view, at every position its ranking averages over
-        seen = (hist[j][0].reshape(-1) @ Us @ Us.T).view(hist[j][0].shape)
-        at = [c for c in cands if cfg.ranking == "expected-rope" or bucket(c) == bucket(j)]  # bucket-rope, hybrid
-        return sum(float(torch.einsum("hd,hd->", q_r, rope64(seen, c)[heads])) for c in at) / len(at)
-
-    def pre_rope(j):
-        return float(q_lat @ (hist[j][0].reshape(-1) @ U[:, :cfg.rank])[:cfg.score_dims])
-
-    def score(j):
-        if cfg.selector == "oracle":
-            return sum(float(q_r[h] @ rope64(hist[j][0][h // G], j)) for h in range(H))
-        return pre_rope(j) if cfg.ranking == "pre-rope" else mean_logit(j)
-    n = max(n_total(cfg, pos) - cfg.sink - cfg.window, 0)
-    if cfg.ranking == "hybrid":  # half by pre-rope, the rest by bucket-rope among the others
-        first = best(cands, pre_rope, n // 2)
-        return set(first) | set(best(set(cands) - set(first), mean_logit, n - n // 2))
-    return set(best(cands, score, n))
+    """The positions SALS should select for one row, by definition (BruteForce)."""
+    row = BruteForce(cfg, q, pos, hist, U)
+    return set(best(row.cands, row.pre_rope if cfg.ranking == "pre-rope" else row.bucket_rope, row.n))
 
 
 def best(cands, score, n: int) -> list[int]:
@@ -272,25 +278,24 @@ def test_min_tokens_default_and_fixed_budget_check():
         SALSConfig(value_bits=16, min_tokens=-1).resolve(args, 64)
 
 
-@pytest.mark.parametrize("selector,ranking", [("latent", "pre-rope"), ("oracle", "pre-rope"),
-                                              ("latent", "expected-rope"), ("latent", "bucket-rope"),
-                                              ("latent", "hybrid")])
-@pytest.mark.parametrize("heads", [(6, 2), (3, 3)])  # GQA with G = 3, and MHA
-def test_selection_equals_brute_force(selector, ranking, heads):
+def check_selection(heads: tuple[int, int], brute, feed=feed_layer, config=SALSConfig, **kw):
+    """Rows of three lengths decode side by side through a cache of config(**kw) (and feed: feed_layer, or a
+    variant's); each step selects brute(cfg, q, pos, hist, U) of each row, and attends it, the sinks and the window,
+    disjoint."""
     args = layer_args(*heads)
     D = heads[1] * 8
     U = orthonormal(D, torch.Generator().manual_seed(3))
-    cfg = SALSConfig(rank=D - 5, score_dims=4, value_bits=16, sparsity=0.3, sink=3, window=5, selector=selector,
-                     ranking=ranking, min_tokens=12)  # below 12 tokens all, then 12, from 40 tokens 30%
+    cfg = config(rank=D - 5, score_dims=4, value_bits=16, sparsity=0.3, sink=3, window=5, min_tokens=12,
+                 **kw)  # below 12 tokens all, then 12, from 40 tokens 30%
     rcfg = cfg.resolve(args, D)
     checked = []
 
     def on_step(cache, q, y, pos, hist):
-        idx, keep = cache.select(q, None if selector == "latent" else cache_rope(q, pos), pos, None)
+        idx, keep = cache.select(q, pos, None)
         for i in range(len(pos)):
             p = int(pos[i])
             chosen = idx[i][keep[i]].tolist()
-            assert len(chosen) == len(set(chosen)) and set(chosen) == brute_selection(rcfg, q[i, :, 0], p, hist[i], U)
+            assert len(chosen) == len(set(chosen)) and set(chosen) == brute(rcfg, q[i, :, 0], p, hist[i], U)
             sinks = set(range(min(3, p + 1)))
             wp = cache.window_pos[i]
             window = set(wp[wp >= 0].tolist())
@@ -299,15 +304,17 @@ def test_selection_equals_brute_force(selector, ranking, heads):
             assert len(attended) == len(sinks) + len(window) + len(chosen)  # disjoint
             assert len(attended) == max(math.floor(0.3 * (p + 1)), min(p + 1, 12), min(p + 1, 3 + 5))
             checked.append((p, len(chosen)))
-    feed_layer(cfg, args, [9, 17, 30], 30, U, on_step)
+    feed(cfg, args, [9, 17, 30], 30, U, on_step)
     assert sum(n for _, n in checked) > 100
     assert all(n == p + 1 - 8 for p, n in checked if p < 12)  # below min_tokens: every candidate
     assert all(n == 12 - 8 for p, n in checked if 12 <= p < 43)  # the minimum, until 30% of the tokens exceed it
     assert max(n for _, n in checked) > 4 and min(p for p, _ in checked) < 12
 
 
-def cache_rope(q, pos):
-    return torch.cat([rope64(q[i, :, 0], int(pos[i]))[:, None] for i in range(len(pos))]).view(q.shape)
+@pytest.mark.parametrize("ranking", ["pre-rope", "bucket-rope"])
+@pytest.mark.parametrize("heads", [(6, 2), (3, 3)])  # GQA with G = 3, and MHA
+def test_selection_equals_brute_force(ranking, heads):
+    check_selection(heads, brute_selection, ranking=ranking)
 
 
 @pytest.mark.parametrize("heads", [(6, 2), (3, 3)])
@@ -318,7 +325,7 @@ def test_group_summed_latent_query_is_exact_at_full_rank(heads):
     U = orthonormal(D, torch.Generator().manual_seed(4))
 
     def on_step(cache, q, y, pos, hist):
-        s = cache.scores(q, None, pos, None)
+        s = cache.scores(q, pos, None)
         for i in range(len(pos)):
             for j in range(int(pos[i]) + 1):
                 ref = sum(float(q[i, h, 0] @ hist[i][j][0][h // G]) for h in range(heads[0]))
@@ -333,21 +340,19 @@ def test_bf16_cache_ranks_with_float32_scores():
     from bench.attention_bench import random_cache
     cache, q, _, _, pos, _ = random_cache(2, 300, 8, 2, 64, fraction=0.25, pos=[299, 150], seed=5,
                                        selection="layer", ranking="pre-rope")  # bfloat16, one pre-RoPE query
-    s = cache.scores(q, None, pos, None)  # (2, 300)
+    s = cache.scores(q, pos, None)  # (2, 300)
     terms = cache.k_lat_score.double() * cache.latent_query(q, pos).double()[:, None]  # (2, 300, r*)
     assert s.dtype == torch.float32 and cache.k_lat_score.dtype == torch.bfloat16
     assert ((s.double() - terms.sum(-1)).abs() <= terms.shape[-1] * 2 ** -24 * terms.abs().sum(-1)).all()
 
 
-@pytest.mark.parametrize("ranking", ["expected-rope", "bucket-rope"])
-@pytest.mark.parametrize("heads", [(6, 2), (3, 3)])
-def test_expected_rope_query_is_the_mean_post_rope_logit(heads, ranking):
-    """Step 2 with ranking "expected-rope", r* = r = D: q_lat . k_lat_j is the true post-RoPE logit of every
-    query head against key j, summed over heads and averaged over every candidate position sink..pos - window
-    the key could hold (model.apply_rope, token by token); with "bucket-rope", over the candidate positions whose
-    distance to pos falls in the same bucket [window 2^i, window 2^(i+1)) as j's. It is neither the pre-RoPE score
-    nor the mean with the rotation's sign flipped (the key placed at pos + d instead of pos - d), which this test
-    tells apart."""
+def check_mean_post_rope_logit(heads: tuple[int, int], one_bucket: bool, feed=feed_layer, config=SALSConfig, **kw):
+    """Step 2 with a RoPE-aware ranking (config(**kw), fed by feed), r* = r = D: q_lat . k_lat_j is the true
+    post-RoPE logit of every query head against key j, summed over heads and averaged over the candidate positions
+    whose distance to pos falls in the same bucket [window 2^i, window 2^(i+1)) as j's (model.apply_rope, token by
+    token); one_bucket: over every candidate position sink..pos - window the key could hold, for every key. It is
+    neither the pre-RoPE score nor the mean with the rotation's sign flipped (the key placed at pos + d instead of
+    pos - d), which this test tells apart."""
     args = layer_args(*heads)
     D, G, H, Hkv = heads[1] * 8, heads[0] // heads[1], heads[0], heads[1]
     U = orthonormal(D, torch.Generator().manual_seed(4))
@@ -362,26 +367,30 @@ def test_expected_rope_query_is_the_mean_post_rope_logit(heads, ranking):
         return torch.einsum("hd,hnd->n", q_rot, k_rot[torch.arange(H) // G]).double().mean().item()
 
     def on_step(cache, q, y, pos, hist):
-        s = cache.scores(q, None, pos, None)
+        s = cache.scores(q, pos, None)
         for i in range(len(pos)):
             p = int(pos[i])
             cands = list(range(2, p - 3 + 1))  # sink 2, window 3
             if not cands:
                 continue
             bucket = lambda c: int(math.log2((p - c) / 3))  # noqa: E731  window 3: distances 3-5, 6-11, 12-23, ...
-            for j in (cands if ranking == "bucket-rope" else range(p + 1)):
+            for j in (range(p + 1) if one_bucket else cands):
                 k_j = hist[i][j][0]
-                same = [c for c in cands if ranking == "expected-rope" or bucket(c) == bucket(j)]
+                same = [c for c in cands if one_bucket or bucket(c) == bucket(j)]
                 ref = mean_logit(q[i, :, 0], k_j, p, same)
                 assert abs(float(s[i, j]) - ref) < 1e-5 * (1 + abs(ref)), (p, j, float(s[i, j]), ref)
                 pre = sum(float(q[i, h, 0] @ k_j[h // G]) for h in range(H))
                 gaps["pre-rope"].append(abs(pre - ref))
                 gaps["flipped"].append(abs(mean_logit(q[i, :, 0], k_j, p, [2 * p - c for c in same]) - ref))
             checked.append(p)
-    cfg = SALSConfig(rank=D, score_dims=D, value_bits=16, sink=2, window=3, ranking=ranking)
-    feed_layer(cfg, args, [5, 11], 8, U, on_step)
+    feed(config(rank=D, score_dims=D, value_bits=16, sink=2, window=3, **kw), args, [5, 11], 8, U, on_step)
     assert len(checked) == 16 and min(checked) == 5  # 5 - 3 >= 2: every step has candidates
     assert max(gaps["pre-rope"]) > 1 and max(gaps["flipped"]) > 1, {k: max(v) for k, v in gaps.items()}
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (3, 3)])
+def test_bucket_rope_query_is_the_mean_post_rope_logit(heads):
+    check_mean_post_rope_logit(heads, one_bucket=False, ranking="bucket-rope")
 
 
 def test_expected_rope_ranks_real_attention_better_than_pre_rope(smollm2_dir, novel, quick_calib):
@@ -472,7 +481,7 @@ def test_kv_head_selection_equals_brute_force_per_head(heads):
     checked, differ = [], []
 
     def on_step(cache, q, y, pos, hist):
-        idx, keep = cache.select(q, None, pos, None)  # (b, Hkv, k_max)
+        idx, keep = cache.select(q, pos, None)  # (b, Hkv, k_max)
         assert idx.shape[:2] == (len(pos), Hkv)
         for i in range(len(pos)):
             p = int(pos[i])
@@ -499,10 +508,9 @@ def test_kv_head_selection_equals_brute_force_per_head(heads):
     assert max(checked) > 5 and min(checked) <= 0 and any(differ)  # heads really choose differently
 
 
-@pytest.mark.parametrize("ranking", ["pre-rope", "hybrid"])
-def test_kv_head_selection_with_one_kv_head_is_the_layer_selection(ranking):
+def check_one_kv_head_is_the_layer(feed=feed_layer, config=SALSConfig, **kw):
     """With a single KV head, its latent query is the layer's: the same tokens, the same outputs (low rank, r* < r),
-    for each ranking."""
+    with a cache of config(**kw) fed by feed."""
     args = layer_args(n_head=3, n_kv_head=1)
     U = orthonormal(8, torch.Generator().manual_seed(6))
     runs = {}
@@ -510,32 +518,39 @@ def test_kv_head_selection_with_one_kv_head_is_the_layer_selection(ranking):
         steps = runs[selection] = []
 
         def on_step(cache, q, y, pos, hist):
-            idx, keep = (t.view(len(pos), -1) for t in cache.select(q, None, pos, None))  # (b, k_max): one KV head
+            idx, keep = (t.view(len(pos), -1) for t in cache.select(q, pos, None))  # (b, k_max): one KV head
             steps.append(([set(r[k].tolist()) for r, k in zip(idx, keep)], y))
-        cfg = SALSConfig(rank=6, score_dims=3, value_bits=16, sparsity=0.3, sink=3, window=5, selection=selection,
-                         ranking=ranking, min_tokens=0)
-        feed_layer(cfg, args, [9, 17, 30], 30, U, on_step)
+        cfg = config(rank=6, score_dims=3, value_bits=16, sparsity=0.3, sink=3, window=5, selection=selection,
+                     min_tokens=0, **kw)
+        feed(cfg, args, [9, 17, 30], 30, U, on_step)
     assert sum(len(s) for sel, _ in runs["layer"] for s in sel) > 100
     for (sel_l, y_l), (sel_h, y_h) in zip(runs["layer"], runs["kv-head"], strict=True):
         assert sel_l == sel_h
         torch.testing.assert_close(y_h, y_l, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("override,refused", [
-    (dict(), None), (dict(selection="kv-head"), None), (dict(ranking="bucket-rope"), None),
-    (dict(selection="kv-head", ranking="bucket-rope"), None), (dict(ranking="expected-rope"), None),
-    (dict(ranking="hybrid"), "hybrid ranking has no GPU kernel"), (dict(selector="oracle"), "oracle selector")])
-def test_the_fused_path_runs_what_users_run_and_refuses_the_rest(monkeypatch, override, refused):
-    """Where the fused step is asked for, every configuration users run takes it (per-layer or per-KV-head
-    selection, any ranking with a kernel), and the evaluation variants are refused with a message rather than run
-    through the slow reference (as is a decode of a subset of rows, below)."""
+@pytest.mark.parametrize("ranking", ["pre-rope", "bucket-rope"])
+def test_kv_head_selection_with_one_kv_head_is_the_layer_selection(ranking):
+    check_one_kv_head_is_the_layer(ranking=ranking)
+
+
+def check_fused_path(monkeypatch, refused: str | None, feed=feed_layer, config=SALSConfig, **kw):
+    """A decode step of a cache of config(**kw) asked for the fused step takes it, or raises ValueError(refused)."""
     def fused_decode(*args):
         raise RuntimeError("fused path taken")
     monkeypatch.setattr(SALSCache, "fused_decode", fused_decode)
     args, U = layer_args(), orthonormal(16, torch.Generator().manual_seed(3))
-    cfg = SALSConfig(rank=12, value_bits=16, sink=2, window=4, **override)
+    cfg = config(rank=12, value_bits=16, sink=2, window=4, **kw)
     with pytest.raises(ValueError if refused else RuntimeError, match=refused or "fused path taken"):
-        feed_layer(cfg, args, [20], 3, U, lambda *a: None, fused=True)
+        feed(cfg, args, [20], 3, U, lambda *a: None, fused=True)
+
+
+@pytest.mark.parametrize("override", [dict(), dict(selection="kv-head"), dict(ranking="bucket-rope"),
+                                      dict(selection="kv-head", ranking="bucket-rope")])
+def test_the_fused_path_runs_every_configuration(monkeypatch, override):
+    """Where the fused step is asked for, every configuration takes it (per-layer or per-KV-head selection, either
+    ranking); a decode of a subset of rows is refused with a message rather than run through the slow reference."""
+    check_fused_path(monkeypatch, None, **override)
 
 
 def test_the_fused_path_refuses_a_subset_of_rows():
@@ -556,17 +571,15 @@ def test_bytes_allocated_counts_every_buffer():
     args = small_args(n_head=4, n_kv_head=2, head_dim=64)  # D = 128
     B, S, Hkv, Dh, D = 3, 50, 2, 64, 128
     for bits in (2, 4, 16):
-        for selector in ("latent", "oracle"):
-            cfg = SALSConfig(rank=40, value_bits=bits, sink=5, window=7, selector=selector).resolve(args, D)
-            cache = SALSCache(cfg, args, B, S, torch.zeros(D, 40, dtype=torch.bfloat16))
-            v_bytes = Dh * bits // 8 + (0 if bits == 16 else 2 * 2 * Dh // 32)  # per token per KV head
-            expect = (D * 40 * 2 + Dh // 2 * 8  # U, inverse frequencies
-                      + B * S * 40 * 2 + B * S * Hkv * v_bytes  # latents, values + scales + zeros
-                      + 2 * B * (5 + 7) * Hkv * Dh * 2 + B * 7 * 4  # sinks, window, window_pos
-                      + S * 4  # n_attend: the budget at each position
-                      + (B * S * Hkv * Dh * 2 if selector == "oracle" else 0))
-            assert cache.bytes_allocated() == expect
-            assert cache.bytes_allocated() == sum(t.untyped_storage().nbytes() for t in cache.buffers())
+        cfg = SALSConfig(rank=40, value_bits=bits, sink=5, window=7).resolve(args, D)
+        cache = SALSCache(cfg, args, B, S, torch.zeros(D, 40, dtype=torch.bfloat16))
+        v_bytes = Dh * bits // 8 + (0 if bits == 16 else 2 * 2 * Dh // 32)  # per token per KV head
+        expect = (D * 40 * 2 + Dh // 2 * 8  # U, inverse frequencies
+                  + B * S * 40 * 2 + B * S * Hkv * v_bytes  # latents, values + scales + zeros
+                  + 2 * B * (5 + 7) * Hkv * Dh * 2 + B * 7 * 4  # sinks, window, window_pos
+                  + S * 4)  # n_attend: the budget at each position
+        assert cache.bytes_allocated() == expect
+        assert cache.bytes_allocated() == sum(t.untyped_storage().nbytes() for t in cache.buffers())
 
 
 @pytest.mark.parametrize("fraction,per_token", [(0.125, 2560), (0.25, 4608)])
@@ -616,9 +629,10 @@ def test_setup_sals_layer_types_and_bases():
     (dict(sparsity=0), "sparsity"), (dict(sparsity=1.01), "sparsity"),
     (dict(sink=-1), "sink >= 0"), (dict(window=0), "window >= 1"),
     (dict(dense_layers=(0, 4)), "dense_layers"), (dict(dense_layers=(-1,)), "dense_layers"),
-    (dict(selector="random"), "selector"), (dict(ranking="post-rope"), "ranking 'post-rope'"),
+    (dict(ranking="post-rope"), "ranking 'post-rope'"),
+    (dict(ranking="hybrid"), r"ranking 'hybrid' is not one of pre-rope, bucket-rope \(the evaluation variants run in "
+                             r"evals.py\)"),
     (dict(selection="query-head"), "selection 'query-head'"),
-    (dict(selector="oracle", selection="kv-head"), "oracle-head"),
 ])
 def test_invalid_configs(kw, match):
     args = small_args(n_head=4, n_kv_head=2, head_dim=8)  # D = 16, 4 layers

@@ -63,6 +63,7 @@ def _bucket_query_kernel(q_ptr, pos_ptr, inv_freq_ptr, out_ptr, sink, window, st
     tl.store(o + HALF, (x2 * c + x1 * s).to(dt), mask=ok)
 
 
+@torch.library.triton_op("sals::bucket_queries", mutates_args=())
 def bucket_queries(q: Tensor, input_pos: Tensor, inv_freq: Tensor, n_kv_head: int, sink: int, window: int,
                    n_buckets: int) -> Tensor:
     """q (B, H, Dh) pre-RoPE (channels contiguous), input_pos (B, 1), inv_freq (Dh/2,) float64 -> (B, n_buckets, Hkv,

@@ -270,7 +270,7 @@ class SALSCache(nn.Module):
             return y
         if q.is_cuda if self.fused is None else self.fused:
             self.check_fused(rows)
-            return self.fused_decode(q, k, k_rope, v, input_pos, rope)  # 1-6 in Triton kernels
+            return self.fused_decode(q, k, k_rope, v, input_pos)  # 1-6 in Triton kernels
         q_rope = apply_rope(q, rope)
         self.write(b, k, k_rope, v, input_pos)  # 1. store the new token
         idx, keep = self.select(q, input_pos, rows)  # 2-4. rank, top-k within the budget; (b, [Hkv,] k)
@@ -287,31 +287,24 @@ class SALSCache(nn.Module):
         mask = torch.cat([fixed, keep], -1)  # (b, [Hkv,] n)
         return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask.unsqueeze(-2))
 
-    def fused_decode(self, q: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor) -> Tensor:
+    def fused_decode(self, q: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor) -> Tensor:
         """Steps 1-6 in Triton kernels (all B rows): compress and store the new token; score every candidate and
-        select each ranking row's budget (the rule of kernels/ranking.py, as self.top); gather the attended keys
-        (rebuilt, rotated) and values (dequantized) into a small dense buffer and attend over it with the dense
-        split-KV kernel. Imported here so that importing this module never initializes Triton (its interpreter mode
-        is fixed when a kernel is defined)."""
+        select each ranking row's budget (the rule of kernels/ranking.py, as self.top); rebuild, rotate and attend
+        the selected keys without writing them to memory (the kernel rotates q itself). Imported here so that
+        importing this module never initializes Triton (its interpreter mode is fixed when a kernel is defined)."""
         from kernels.compress import compress_step
-        from kernels.decode_attention import decode_attention
+        from kernels.sals_decode import decode_attention
         from kernels.topk import select_top
         self.check_rope(q.device)
         compress_step(k, k_rope, v, input_pos, self.U, self.k_lat_score, self.k_lat_rest, self.v_q, self.v_scale,
                       self.v_zero, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.bits)
         q_lat = self.fused_latent_query(q, input_pos)  # (B, NB, NQ, r*)
-        budget = self.n_attend[input_pos[:, 0]]  # (B,)
-        idx, _ = select_top(self.k_lat_score, q_lat, input_pos, budget, self.n_sink, self.window, self.k_max)
-        K, V, last = self.attended(input_pos, budget, idx)  # (B, Hkv, n, Dh), rows' own prefixes 0..last
-        return decode_attention(apply_rope(q, rope)[:, :, 0], K, V, last)[:, :, None]
-
-    def attended(self, input_pos: Tensor, budget: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """kernels/rebuild.py on this cache: the sinks, the window and the selected tokens idx (B, NQ, k_max) packed
-        per (sequence, KV head), keys post-RoPE and values dequantized; last (B,): each row's final slot."""
-        from kernels.rebuild import rebuild_attended
-        return rebuild_attended(self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, input_pos, budget,
-                                idx, self.k_lat_score, self.k_lat_rest, self.U, self.rope, self.v_q, self.v_scale,
-                                self.v_zero, self.bits)
+        idx, keep = select_top(self.k_lat_score, q_lat, input_pos, self.n_attend[input_pos[:, 0]], self.n_sink,
+                               self.window, self.k_max)  # (B, NQ, k_max)
+        y = decode_attention(q[:, :, 0], self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, input_pos,
+                             idx, keep, self.k_lat_score, self.k_lat_rest, self.U, self.rope, self.v_q, self.v_scale,
+                             self.v_zero, self.bits)  # (B, H, Dh)
+        return y[:, :, None]
 
     def check_fused(self, rows: Tensor | None):
         """The Triton step runs all rows at once; a subset is refused rather than run slowly."""

@@ -4,7 +4,6 @@
 #   check     the SALS kernels and the whole step against the PyTorch reference at real sizes; the bucket-query kernel
 #   dense     the dense split-KV kernel's launch settings against the copy ceiling (checked against SDPA flash)
 #   select    scoring + selection micro-benchmarks
-#   rebuild   the attended tokens' gather/rebuild kernel (kernels/rebuild.py) in each launch setting of its VARIANTS
 #   layer     one layer, SALS-12.5% and 25% (per-layer and per-KV-head bucket selection) against every dense
 #             baseline at the cells of the SALS-floor issue's targets, eager steps in CUDA graphs
 #   sweep     the fused SALS kernel's launch settings alone (bench/attention_bench.py SWEEP)
@@ -26,9 +25,8 @@ check) step 110 check python bench/attention_bench.py --check
        step 60 bucket_query python -m kernels.bucket_query ;;
 dense) step 170 dense python -m kernels.decode_attention --variants ;;
 select) step 120 select python -m kernels.topk 1 8 ;;
-rebuild) step 90 rebuild python -m kernels.rebuild ;;
 layer)
-  step 300 layer python bench/attention_bench.py --eager --fraction 0.125 0.25 --selection layer "kv-head bucket" \
+  step 290 layer python bench/attention_bench.py --eager --fraction 0.125 0.25 --selection layer "kv-head bucket" \
       --configs "${targets[@]}" ;;
 sweep)
   step 200 sweep python bench/attention_bench.py --sweep llama-2-7b:4096:16 mistral-7b:32768:8 ;;
@@ -49,7 +47,7 @@ profile)
   "$NCU" -i "$OUT/step.ncu-rep" --page details > "$OUT/details.txt" 2>&1
   grep -E "^  [a-zA-Z_]|Duration|Registers Per|Achieved Occupancy|Memory Throughput|Warp Cycles Per Issued" \
       "$OUT/details.txt" | head -120 ;;
-*) echo "unknown mode $mode (check, dense, select, rebuild, layer, sweep, e2e, largest, profile)"; exit 2 ;;
+*) echo "unknown mode $mode (check, dense, select, layer, sweep, e2e, largest, profile)"; exit 2 ;;
 esac; done
 echo; echo "== tables"
 for f in "$OUT"/*.log; do grep -q '^|' "$f" && { echo "-- $(basename "$f")"; grep '^|' "$f"; }; done

@@ -52,7 +52,7 @@ def check_decode_kernels_float32(n_head, n_kv_head, head_dim, kw):
     cache, *step = random_cache(3, 256, n_head, n_kv_head, head_dim, pos=[255, 150, 60], dtype=torch.float32,
                                 seed=n_head + head_dim, sink=4, window=8, sparsity=0.25, min_tokens=0, **PAPER, **kw)
     err = kernel_errors(cache, *step)
-    assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["scores"] < 1e-5 and err["attention"] < 1e-5 and err["fused"] < 1e-5, err
+    assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["scores"] < 1e-5 and err["attention"] < 1e-5, err
 
 
 def check_decode_kernels_float16():
@@ -62,7 +62,7 @@ def check_decode_kernels_float16():
     cache, *step = random_cache(2, 200, 8, 2, 64, pos=[199, 120], dtype=torch.float16, seed=5, sink=4, window=8,
                                 sparsity=0.25, min_tokens=0, rank_fraction=0.25, value_bits=4, **PAPER)
     err = kernel_errors(cache, *step)
-    assert err["selected"] == (50 - 12) + (30 - 12) and err["scores"] < 1e-5 and err["attention"] < 2e-3 and err["fused"] < 2e-3, err
+    assert err["selected"] == (50 - 12) + (30 - 12) and err["scores"] < 1e-5 and err["attention"] < 2e-3, err
 
 
 def check_decode_kernel_rotates_far_positions_exactly():
@@ -71,7 +71,7 @@ def check_decode_kernel_rotates_far_positions_exactly():
     cache, *step = random_cache(1, 33000, 1, 1, 64, dtype=torch.float32, seed=9, sink=4, window=8,
                                 sparsity=1 / 256, min_tokens=0, rank_fraction=0.25, value_bits=16, **PAPER)
     err = kernel_errors(cache, *step)
-    assert err["selected"] == 128 - 12 and err["attention"] < 1e-5 and err["fused"] < 1e-5, err
+    assert err["selected"] == 128 - 12 and err["attention"] < 1e-5, err
 
 
 # Launch settings beyond the interpreter default (block_n=16, block_r=16): larger token blocks, several blocks per
@@ -94,7 +94,7 @@ def check_decode_kernel_launch_variants(cfg, n_head, n_kv_head):
                                 **PAPER)
     n_split = 1 + sals_decode.split_count(cache.k_max, 3 * n_kv_head, cfg)
     err = kernel_errors(cache, *step, cfg=cfg, n_split=n_split)
-    assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["fused"] < 1e-5, (err, n_split)
+    assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["attention"] < 1e-5, (err, n_split)
 
 
 @pytest.mark.parametrize("one_shot", [False, True])
@@ -106,7 +106,7 @@ def check_decode_kernel_per_kv_head_selection(one_shot):
                                 sparsity=0.25, min_tokens=0, rank=40, score_dims=24, value_bits=2,
                                 selection="kv-head")
     err = kernel_errors(cache, *step, cfg=cfg)
-    assert err["selected"] == 2 * ((50 - 12) + (22 - 12)) and err["attention"] < 1e-5 and err["fused"] < 1e-5, err
+    assert err["selected"] == 2 * ((50 - 12) + (22 - 12)) and err["attention"] < 1e-5, err
 
 
 @pytest.mark.parametrize("n", [1, 5, 37])
@@ -134,7 +134,7 @@ def check_dispatched_decode_equals_reference_model(selection, ranking):
     decode steps of all rows; logits with fused=True (kernels) equal those of the reference path, and the
     kernels really ran in every SALS layer of every step; one selection per layer with the paper's ranking, and
     one per KV head with a latent query per distance bucket."""
-    from kernels import rebuild
+    from kernels import sals_decode
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=97, dim=128, n_layer=3, n_head=4, n_kv_head=2, head_dim=64, intermediate_size=96,
                      max_position_embeddings=256, rope_base=100.0)
@@ -147,7 +147,7 @@ def check_dispatched_decode_equals_reference_model(selection, ranking):
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (70, 41, 9)]
     steps = torch.randint(0, 97, (3, 5), generator=gen)
     calls = []
-    attention = rebuild.rebuild_attended
+    attention = sals_decode.decode_attention
 
     def counting(*a):
         calls.append(1)
@@ -162,11 +162,11 @@ def check_dispatched_decode_equals_reference_model(selection, ranking):
 
     with torch.no_grad():
         ref = run(False)
-        rebuild.rebuild_attended = counting
+        sals_decode.decode_attention = counting
         try:
             out = run(True)
         finally:
-            rebuild.rebuild_attended = attention
+            sals_decode.decode_attention = attention
     assert len(calls) == 2 * steps.shape[1]  # layers 1 and 2 are SALS layers, one call per decode step
     assert ref.std() > 0.1
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -67,8 +67,8 @@ def parse_args(argv=None):
                         "its own query heads (default)")
     s.add_argument("--sals_calib", type=Path, help="calibration file (default: <checkpoint>/sals_calib.pt)")
     s.add_argument("--sals_always", action="store_true", default=None,
-                   help="on a GPU, use SALS even where the dense cache fits (SALS was not measured faster than it; "
-                        "by default the engine then stays dense and says why; see sals_on_gpu)")
+                   help="on a GPU, use SALS even where the dense cache fits and SALS was not measured faster than it "
+                        "(by default the engine then stays dense and says why; see sals_on_gpu)")
     args = p.parse_args(argv)
     problems = []
     if args.max_new_tokens < 1:
@@ -331,7 +331,7 @@ def sals_setup(args, model: Transformer, default_model: bool):
     def setup(B: int, S: int):
         if on_gpu and not args.sals_always:
             free = torch.cuda.mem_get_info(model.output.weight.device)[0]
-            use, why = sals_on_gpu(model.args, B, S, free, model.output.weight.element_size())
+            use, why = sals_on_gpu(model.args, resolved, B, S, free, model.output.weight.element_size())
             print(f"SALS: {why}" if use else f"SALS: staying dense: {why}; --sals_always to use SALS anyway",
                   file=sys.stderr)
             if not use:
@@ -340,16 +340,25 @@ def sals_setup(args, model: Transformer, default_model: bool):
     return setup
 
 
-def sals_on_gpu(a: ModelArgs, B: int, S: int, free: int, elem_bytes: int = 2) -> tuple[bool, str]:
-    """Whether SALS caches should replace dense ones on a GPU with `free` bytes free, for B sequences
-    of S tokens (dense elements of elem_bytes), and why. SALS's decode step has not been measured faster than the
-    engine's dense split-KV kernel (BENCHMARKS.md), so it is used for its memory: when the dense cache would not
-    fit in free GPU memory."""
+# Where SALS's decode step was measured faster end to end than the engine's dense split-KV kernel (BENCHMARKS.md): a
+# cache of rank <= D/8 with 2-bit values (SALS-12.5%) from this many tokens, at batch >= SALS_FASTER_BATCH.
+SALS_FASTER_FROM, SALS_FASTER_BATCH = 32768, 8
+
+
+def sals_on_gpu(a: ModelArgs, cfg: SALSConfig, B: int, S: int, free: int, elem_bytes: int = 2) -> tuple[bool, str]:
+    """Whether SALS caches (resolved config cfg) should replace dense ones on a GPU with `free` bytes free, for B
+    sequences of S tokens (dense elements of elem_bytes), and why: where SALS was measured faster than the dense kernel
+    (SALS_FASTER_FROM), or when the dense cache would not fit in free GPU memory."""
     dense = 2 * a.n_layer * B * S * a.n_kv_head * a.head_dim * elem_bytes
     if dense > 0.9 * free:
         return True, f"a dense cache ({dense / 1e9:.1f} GB) would not fit in free GPU memory ({free / 1e9:.1f} GB)"
-    return False, (f"the dense cache ({dense / 1e9:.1f} GB) fits, and SALS's decode step was not measured faster "
-                   f"than the dense kernel (BENCHMARKS.md)")
+    if cfg.value_bits == 2 and 8 * cfg.rank <= a.n_kv_head * a.head_dim and S >= SALS_FASTER_FROM \
+            and B >= SALS_FASTER_BATCH:
+        return True, (f"SALS-12.5%'s decode step was measured faster than the dense kernel from {SALS_FASTER_FROM} "
+                      f"tokens at batch >= {SALS_FASTER_BATCH} (BENCHMARKS.md)")
+    return False, (f"the dense cache ({dense / 1e9:.1f} GB) fits, and SALS's decode step was measured faster than the "
+                   f"dense kernel only with rank <= D/8 and 2-bit values from {SALS_FASTER_FROM} tokens at batch >= "
+                   f"{SALS_FASTER_BATCH} (BENCHMARKS.md)")
 
 
 def read_prompt(spec: str, tokenizer, chat: bool, vocab_size: int, gen: torch.Generator) -> list[int]:

@@ -345,13 +345,15 @@ SWEEP = {
             dict(block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
             dict(block_n=128, block_r=64, split_blocks=None, num_warps=8, num_stages=2),
             dict(block_n=64, block_r=128, split_blocks=None, num_warps=8, num_stages=2),
-            dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=4)],
+            dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=4),
+            dict(block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=3)],
     "gqa": [dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
             dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
             dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=2),
             dict(block_n=64, block_r=64, split_blocks=None, num_warps=8, num_stages=3),
             dict(block_n=32, block_r=64, split_blocks=4, num_warps=4, num_stages=3),
-            dict(block_n=16, block_r=64, split_blocks=None, num_warps=4, num_stages=4)],
+            dict(block_n=16, block_r=64, split_blocks=None, num_warps=4, num_stages=4),
+            dict(block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=3)],
 }
 
 

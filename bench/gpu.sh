@@ -51,3 +51,4 @@ profile)
 esac; done
 echo; echo "== tables"
 for f in "$OUT"/*.log; do grep -q '^|' "$f" && { echo "-- $(basename "$f")"; grep '^|' "$f"; }; done
+true

@@ -356,17 +356,23 @@ def test_cache_memory_is_linear_in_context():
 
 
 def test_sals_on_gpu_follows_the_measured_rule():
-    """SALS replaces the dense cache on a GPU only where the dense cache would not fit in free memory (it was not
-    measured faster than the dense kernel, BENCHMARKS.md); the bytes it compares are the dense cache's, computed
-    here, at both shapes."""
+    """SALS replaces the dense cache on a GPU where it was measured faster (SALS-12.5%'s rank and value bits, from 32K
+    tokens at batch >= 8: BENCHMARKS.md) or where the dense cache would not fit in free memory; the bytes it compares
+    are the dense cache's, computed here, at both shapes."""
     from generate import sals_on_gpu
     shape = dict(vocab_size=32000, dim=4096, n_layer=32, n_head=32, head_dim=128, intermediate_size=11008,
                  max_position_embeddings=32768)
     llama2, mistral = ModelArgs(n_kv_head=32, **shape), ModelArgs(n_kv_head=8, **shape)
-    gb = 10 ** 9
+    gb, big = 10 ** 9, 10 ** 15
     for a, kv_heads in ((llama2, 32), (mistral, 8)):
+        D = kv_heads * 128
+        c25, c12 = (SALSConfig.preset(f).resolve(a, D) for f in (0.25, 0.125))
         dense = 2 * 32 * 8 * 16384 * kv_heads * 128 * 2  # K and V, 32 layers, batch 8, 16K tokens, bf16
-        use, why = sals_on_gpu(a, 8, 16384, int(dense / 0.9) + 1)
-        assert not use and f"{dense / gb:.1f} GB" in why and "fits" in why
-        use, why = sals_on_gpu(a, 8, 16384, int(dense / 0.9) - 1)
-        assert use and "would not fit" in why
+        for cfg in (c25, c12):
+            use, why = sals_on_gpu(a, cfg, 8, 16384, int(dense / 0.9) + 1)
+            assert not use and f"{dense / gb:.1f} GB" in why and "fits" in why
+            use, why = sals_on_gpu(a, cfg, 8, 16384, int(dense / 0.9) - 1)
+            assert use and "would not fit" in why
+        assert sals_on_gpu(a, c12, 8, 32768, big)[0] and "measured faster" in sals_on_gpu(a, c12, 8, 32768, big)[1]
+        assert not sals_on_gpu(a, c12, 7, 32768, big)[0] and not sals_on_gpu(a, c12, 8, 32767, big)[0]
+        assert not sals_on_gpu(a, c25, 16, 32768, big)[0]  # SALS-25% was not measured faster anywhere

@@ -62,13 +62,17 @@ def test_methods_table():
         dense, masked, *sals = [row for row in rows if row[1] == str(prompt)]
         expected = [dense_bytes(2, prompt + 4), dense_bytes(2, prompt + 4), sals_bytes(2, prompt + 4, 16, 4),
                     sals_bytes(2, prompt + 4, 8, 2)]
-        fastest = min((dense, masked), key=lambda row: float(row[4]))
-        d = float(fastest[4])
+        e = 0.005  # times are printed with two decimals
+        fastest = min(float(dense[4]), float(masked[4]))
+        # The bench picks the faster unrounded time, so two dense rows printed equal may both be the baseline.
+        baselines = {f"({row[2]})": float(row[4]) for row in (dense, masked) if float(row[4]) <= fastest + 2 * e}
         for row, kv in zip([dense, masked, *sals], expected):
-            ms, e = float(row[4]), 0.005  # printed with two decimals
+            ms = float(row[4])
             assert ms > 0 and 2e3 / (ms + e) - 0.05 <= float(row[5]) <= 2e3 / (ms - e) + 0.05  # tokens/s
             ratio, name = row[6].split("x ")
-            assert (d - e) / (ms + e) - e <= float(ratio) <= (d + e) / (ms - e) + e and name == f"({fastest[2]})"
+            assert name in baselines, (name, baselines)
+            d = baselines[name]
+            assert (d - e) / (ms + e) - e <= float(ratio) <= (d + e) / (ms - e) + e
             assert float(row[8].removesuffix(" GB")) == pytest.approx(kv / 1e9, rel=1e-2)
 
 

@@ -314,6 +314,15 @@ def held_out_tokens(tokenizer, path: Path | None = None) -> list[int]:
     return tokenizer.encode(path.read_text(encoding="utf-8"))
 
 
+def check_windows(n_text: int, context: int, n_windows: int, n_tokens: int):
+    """Raises ValueError unless a text of n_text tokens holds n_windows windows of context tokens, n_tokens scored."""
+    if not 1 <= n_tokens < context:
+        raise ValueError(f"perplexity needs 1 <= tokens scored ({n_tokens}) < context ({context}).")
+    if n_windows * context > n_text:
+        raise ValueError(f"the text has {n_text} tokens: too few for {n_windows} windows of {context} (at most "
+                         f"{n_text // context}); lower --ppl_windows or the context.")
+
+
 @torch.inference_mode()
 def perplexity(model: Transformer, calib: dict | None, tokens: list[int], methods: list[Method], context: int,
                n_windows: int, n_tokens: int, overrides: dict | None = None, prefill_mode: str = "dense",
@@ -322,11 +331,7 @@ def perplexity(model: Transformer, calib: dict | None, tokens: list[int], method
     context - n_tokens - 1 tokens are prefilled, the next n_tokens fed one by one through decode steps
     (teacher forcing), so every scored token is predicted under the method's cache; `batch` windows at a time.
     Returns per method the pooled perplexity exp(mean NLL) and each window's mean NLL."""
-    if not 1 <= n_tokens < context:
-        raise ValueError(f"perplexity needs 1 <= tokens scored ({n_tokens}) < context ({context}).")
-    if n_windows * context > len(tokens):
-        raise ValueError(f"the text has {len(tokens)} tokens: too few for {n_windows} windows of {context}; "
-                         f"lower --ppl_windows or the context.")
+    check_windows(len(tokens), context, n_windows, n_tokens)
     device, M = model.output.weight.device, len(methods)
     nll = torch.zeros(n_windows, M, dtype=torch.float64)
     start = context - n_tokens - 1
@@ -607,7 +612,8 @@ def decode_cost(args: ModelArgs, cfg: VariantConfig | None, context: int, r_max:
     attention FLOPs (projections and MLP, the same for every method, left out): for a SALS layer, compressing the
     new key, the latent queries, one score per candidate (per KV head with kv-head selection; bucket-rope: each
     token with its own bucket's query, which the reference path computes for every bucket; hybrid: two), rebuilding the
-    selected keys, and attention over sinks + window + selected; for a dense layer, attention over the context."""
+    selected keys (none below n_exact), and attention over sinks + window + selected; for a dense layer, attention
+    over the context."""
     L, H, Hkv, Dh = args.n_layer, args.n_head, args.n_kv_head, args.head_dim
     D = Hkv * Dh
     attend = lambda n: 4 * H * Dh * n  # noqa: E731  q.k and p.v over n tokens
@@ -622,8 +628,9 @@ def decode_cost(args: ModelArgs, cfg: VariantConfig | None, context: int, r_max:
     k, n_cand, r, rs = sals.k_max, max(0, context - cfg.sink - cfg.window), cfg.rank, cfg.score_dims
     per_head, hybrid = Hkv if cfg.selection == "kv-head" else 1, cfg.ranking == "hybrid"
     n_queries = max(1, sals.n_buckets) + hybrid
-    flops = (2 * D * r + n_queries * 2 * D * rs + (1 + hybrid) * per_head * 2 * rs * n_cand
-             + 2 * r * D * k + attend(cfg.sink + cfg.window + k))
+    rebuild = 0 if sals.n_exact == context else 2 * r * D * k  # below n_exact the keys are read at full rank
+    flops = (2 * D * r + n_queries * 2 * D * rs + (1 + hybrid) * per_head * 2 * rs * n_cand + rebuild
+             + attend(cfg.sink + cfg.window + k))
     n_dense = len(cfg.dense_layers)
     return {"bytes": n_dense * dense.bytes_allocated() + (L - n_dense) * sals.bytes_allocated(),
             "bytes_read": n_dense * dense.bytes_read_per_step() + (L - n_dense) * sals.bytes_read_per_step(),
@@ -931,12 +938,15 @@ def run(a) -> dict:
                "configs_at_max_context": configs, "batch": a.batch, "seconds": {},
                "costs": {"context": max(contexts), "methods": costs}}
     print(f"{a.checkpoint.name}: {', '.join(names)}; overrides {overrides or 'none'}", file=sys.stderr)
+    texts = {path: held_out_tokens(tokenizer, path) for path in a.ppl_text} if "ppl" in a.evals else {}
+    for tokens in texts.values():  # every window count checked before the first evaluation runs
+        for c in a.ppl_contexts:
+            check_windows(len(tokens), c, a.ppl_windows[c], a.ppl_tokens)
     t_run = time.perf_counter()
     if "ppl" in a.evals:
         results["ppl"] = {}
-        for path in a.ppl_text:
+        for path, tokens in texts.items():
             t0 = time.perf_counter()
-            tokens = held_out_tokens(tokenizer, path)
             name = "pride_and_prejudice (held out)" if path is None else Path(path).name
             per_ctx = {}
             for c in a.ppl_contexts:

@@ -5,7 +5,9 @@ the calibrated basis U); values are quantized per token in groups of 32. A decod
 compressed token with a latent dot product (RoPE-free as in the paper, or with RoPE's mean rotation per
 distance bucket: `ranking`), keeps the top ones within the budget (one set per layer, or per KV head:
 `selection`), rebuilds only those keys, rotates them at their original positions and attends over
-sinks + window + selected. This file is the PyTorch reference, which runs anywhere; on CUDA the same step
+sinks + window + selected. A row shorter than the minimum budget attends every token with its key at full rank, held
+in the latent rows it has not reached yet (latent_rows), so short prompts lose nothing to the key compression. This
+file is the PyTorch reference, which runs anywhere; on CUDA the same step
 runs in the Triton kernels of kernels/ (fused_decode). Static shapes, no host sync.
 
     cfg = setup_sals(model, batch_size, max_seq_length, SALSConfig.preset(0.125),
@@ -171,6 +173,16 @@ def budget(input_pos: Tensor, cfg: SALSConfig) -> Tensor:
     return torch.minimum(base.clamp(min=cfg.min_tokens), n) - cfg.sink - cfg.window
 
 
+def latent_rows(n_exact: int, max_seq_length: int, score_dims: int, rank: int, width: int) -> int:
+    """Rows of the latent buffers: max_seq_length, or more where it is too short to hold, in its rows [n_exact, S),
+    the full-rank pre-RoPE keys of positions < n_exact (width = n_kv_head * head_dim channels each, their heads'
+    first and second halves in k_lat_score and k_lat_rest). A row that has written no position >= n_exact has not
+    reached those rows, so they hold its keys for free from about (1 + width / rank) * n_exact tokens (5x at rank
+    D/4, 9x at D/8); a shorter cache pays for them, as much as a key buffer of n_exact tokens would cost."""
+    a = min(score_dims, rank - score_dims)
+    return max(max_seq_length, n_exact + -(-n_exact * (width // 2) // a)) if n_exact else max_seq_length
+
+
 def top_k_width(cfg: SALSConfig, max_seq_length: int) -> int:
     """k_max, the static top-k width: the largest budget of any position of a cache of max_seq_length tokens."""
     return max(0, int(budget(torch.tensor(max_seq_length - 1, device="cpu"), cfg)))
@@ -222,14 +234,18 @@ class SALSCache(nn.Module):
             raise ValueError(f"rope has shape {tuple(self.rope.shape)} {self.rope.dtype}, expected the model's table "
                              f"({S} or more, {Dh // 2}, 2) float32 (model.rope_table).")
         self.k_max = top_k_width(cfg, S)
+        # Rows shorter than the minimum budget attend every token; rank-r keys then lose retrieval where dense
+        # attention has it (EVAL.md), so such rows attend their keys at full rank (exact_keys).
+        self.n_exact = min(cfg.min_tokens, S) if 0 < rs < r else 0
+        S_lat = latent_rows(self.n_exact, S, rs, r, Hkv * Dh)
         dt, sdt = U.dtype, scale_dtype(U.dtype)
         q_width = Dh if cfg.value_bits == 16 else Dh * cfg.value_bits // 8
         full = lambda n: torch.zeros(B, n, Hkv, Dh, dtype=dt)  # noqa: E731
         buffers = {
             "U": U.contiguous(),  # (D, r) row-major: the fused kernel loads tiles of U's rows
             "inv_freq": rope_frequencies(args),  # (Dh/2,) float64: for the rankings' mean rotations
-            "k_lat_score": torch.zeros(B, S, rs, dtype=dt),  # latent prefix read by the ranking
-            "k_lat_rest": torch.zeros(B, S, r - rs, dtype=dt),
+            "k_lat_score": torch.zeros(B, S_lat, rs, dtype=dt),  # latent prefix read by the ranking
+            "k_lat_rest": torch.zeros(B, S_lat, r - rs, dtype=dt),
             "v_q": torch.zeros(B, S, Hkv, q_width, dtype=dt if cfg.value_bits == 16 else torch.uint8),
             "v_scale": None if cfg.value_bits == 16 else torch.zeros(B, S, Hkv, Dh // GROUP, dtype=sdt),
             "v_zero": None if cfg.value_bits == 16 else torch.zeros(B, S, Hkv, Dh // GROUP, dtype=sdt),
@@ -246,15 +262,26 @@ class SALSCache(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def bytes_read_per_step(self) -> int:
-        """What a decode step reads: the ranking prefix of every slot, the selected tokens' latents (once per KV
-        head with kv-head selection) and values, sinks, window and U."""
-        B = self.k_lat_score.shape[0]
+        """What a decode step at the cache's last position reads: the ranking prefix of every slot, the selected
+        tokens' latents (once per KV head with kv-head selection; their full-rank keys where that position is below
+        n_exact) and values, sinks, window and U."""
+        B, S = self.v_q.shape[:2]
         per_token = lambda *ts: sum(t[0, 0].numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
         n_lat = self.n_kv_head if self.per_head else 1
-        selected = B * self.k_max * (n_lat * per_token(self.k_lat_score, self.k_lat_rest)
-                                     + per_token(self.v_q, self.v_scale, self.v_zero))
-        whole = (self.k_lat_score, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.U)
+        key = (self.n_kv_head * self.head_dim * self.U.element_size() if self.n_exact == S  # full rank (exact_keys)
+               else n_lat * per_token(self.k_lat_score, self.k_lat_rest))
+        selected = B * self.k_max * (key + per_token(self.v_q, self.v_scale, self.v_zero))
+        score_prefix = self.k_lat_score[:, :S]  # latent rows past the cache's length are not scored
+        whole = (score_prefix, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.U)
         return sum(t.numel() * t.element_size() for t in whole) + selected
+
+    def exact_keys(self) -> tuple[Tensor, Tensor]:
+        """Views (B, n_exact, Hkv, Dh/2) of the full-rank pre-RoPE keys of positions < n_exact, first and second halves
+        of each head's channels, in k_lat_score's and k_lat_rest's rows from n_exact on: valid while a row has written
+        no position >= n_exact (latent_rows)."""
+        B, c, Hkv, half = self.k_lat_score.shape[0], self.n_exact, self.n_kv_head, self.head_dim // 2
+        return tuple(t.view(B, -1)[:, c * t.shape[2]:c * t.shape[2] + c * Hkv * half].view(B, c, Hkv, half)
+                     for t in (self.k_lat_score, self.k_lat_rest))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, rope: Tensor,
                 rows: Tensor | None = None) -> Tensor:
@@ -278,8 +305,10 @@ class SALSCache(nn.Module):
 
     def attend_selected(self, q_rope: Tensor, b: Tensor, input_pos: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
         """Steps 5-6: q_rope (b, H, 1, Dh) attends the sinks, the window and the selected positions idx (b, [Hkv,] k)
-        where keep, their keys rebuilt and rotated, their values dequantized. Returns (b, H, 1, Dh)."""
-        K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, idx)], 1)  # (b, n, Hkv, Dh)
+        where keep, their keys rebuilt (or, in rows shorter than n_exact, read at full rank) and rotated, their values
+        dequantized. Returns (b, H, 1, Dh)."""
+        exact = input_pos[:, 0] < self.n_exact  # (b,) rows that have written no position >= n_exact
+        K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, idx, exact)], 1)  # (b, n, Hkv, Dh)
         V = torch.cat([self.sink_v[b], self.win_v[b], self.values(b, idx)], 1)
         sink_ok = torch.arange(self.n_sink, device=q_rope.device) <= input_pos  # (b, n_sink)
         fixed = torch.cat([sink_ok, self.window_pos[b] >= 0], 1)  # (b, n_sink + window): every head attends them
@@ -297,13 +326,14 @@ class SALSCache(nn.Module):
         from kernels.topk import select_top
         self.check_rope(q.device)
         compress_step(k, k_rope, v, input_pos, self.U, self.k_lat_score, self.k_lat_rest, self.v_q, self.v_scale,
-                      self.v_zero, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.bits)
+                      self.v_zero, self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, self.bits,
+                      self.n_exact)
         q_lat = self.fused_latent_query(q, input_pos)  # (B, NB, NQ, r*)
         idx, keep = select_top(self.k_lat_score, q_lat, input_pos, self.n_attend[input_pos[:, 0]], self.n_sink,
                                self.window, self.k_max)  # (B, NQ, k_max)
         y = decode_attention(q[:, :, 0], self.sink_k, self.sink_v, self.win_k, self.win_v, self.window_pos, input_pos,
                              idx, keep, self.k_lat_score, self.k_lat_rest, self.U, self.rope, self.v_q, self.v_scale,
-                             self.v_zero, self.bits)  # (B, H, Dh)
+                             self.v_zero, self.bits, self.n_exact)  # (B, H, Dh)
         return y[:, :, None]
 
     def check_fused(self, rows: Tensor | None):
@@ -392,14 +422,19 @@ class SALSCache(nn.Module):
         (the n_attend table, as the fused step)."""
         return select_top_reference(s, self.n_attend[input_pos[:, 0]], self.k_max)
 
-    def keys(self, b: Tensor, idx: Tensor) -> Tensor:
-        """Post-RoPE keys (n, k, Hkv, Dh) of positions idx (n, k) of rows b, rebuilt from their latents
-        and rotated at their ORIGINAL positions. idx (n, Hkv, k): each KV head's own positions. Each head rebuilds
-        only its own slice of D (lat @ U[h rows]^T), so per-head positions cost the rebuild no extra FLOPs."""
+    def keys(self, b: Tensor, idx: Tensor, exact: Tensor) -> Tensor:
+        """Post-RoPE keys (n, k, Hkv, Dh) of positions idx (n, k) of rows b, rebuilt from their latents (in the rows
+        where exact (n,), read at full rank from exact_keys) and rotated at their ORIGINAL positions. idx (n, Hkv, k):
+        each KV head's own positions. Each head rebuilds only its own slice of D (lat @ U[h rows]^T), so per-head
+        positions cost the rebuild no extra FLOPs."""
         idx = idx if idx.dim() == 3 else idx[:, None]  # (n, 1 or Hkv, k)
         bi = b[:, None, None]
         lat = torch.cat([self.k_lat_score[bi, idx], self.k_lat_rest[bi, idx]], -1)  # (n, 1 or Hkv, k, r)
         k = lat @ self.U.unflatten(0, (self.n_kv_head, self.head_dim)).transpose(1, 2)  # (n, Hkv, k, Dh)
+        if self.n_exact:
+            at = (bi, idx.clamp(max=self.n_exact - 1), torch.arange(self.n_kv_head, device=idx.device)[:, None])
+            full = torch.cat([half[at] for half in self.exact_keys()], -1)  # (n, Hkv, k, Dh); unkept slots: garbage
+            k = torch.where(exact.view(-1, 1, 1, 1), full, k)
         self.check_rope(idx.device)
         return apply_rope(k, self.rope[idx]).transpose(1, 2)  # the table's rows: (n, 1 or Hkv, k, Dh/2, 2)
 
@@ -418,6 +453,11 @@ class SALSCache(nn.Module):
         bt = b[:, None].expand_as(input_pos)  # (b, T)
         wp = self.window_pos[b]  # slots at positions >= this call's first one hold an earlier sequence of the row
         self.window_pos[b] = torch.where(wp >= input_pos[:, :1], -1, wp)
+        if self.n_exact:  # before the latents: a chunk reaching past n_exact overwrites these rows, as it must
+            half, early = self.head_dim // 2, input_pos < self.n_exact
+            j = input_pos.clamp(max=self.n_exact - 1)
+            for buf, part in zip(self.exact_keys(), k.transpose(1, 2).split(half, -1)):  # (b, T, Hkv, Dh/2) each
+                _put(buf, bt, j, part, early)
         lat = k.transpose(1, 2).flatten(2) @ self.U  # (b, T, r): KV heads concatenated, pre-RoPE
         self.k_lat_score[bt, input_pos], self.k_lat_rest[bt, input_pos] = lat[..., :self.rs], lat[..., self.rs:]
         kt, vt = k_rope.transpose(1, 2), v.transpose(1, 2)  # (b, T, Hkv, Dh)
@@ -442,7 +482,8 @@ class SALSCache(nn.Module):
         p0 = input_pos[:, :1]  # (b, 1) each row's first position in this chunk
         n_old = max(0, int(p0.max()) - self.window)  # host sync: prefill only
         old = torch.arange(n_old, device=p0.device).expand(len(b), n_old)  # (b, n_old)
-        K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, old), k_rope.transpose(1, 2)], 1)
+        exact = p0[:, 0] <= self.n_exact  # (b,) nothing written at or past n_exact yet
+        K = torch.cat([self.sink_k[b], self.win_k[b], self.keys(b, old, exact), k_rope.transpose(1, 2)], 1)
         V = torch.cat([self.sink_v[b], self.win_v[b], self.values(b, old), v.transpose(1, 2)], 1)
         wp = self.window_pos[b]
         past = torch.cat([torch.arange(self.n_sink, device=p0.device) < p0, (wp >= 0) & (wp < p0),

@@ -83,7 +83,7 @@ def attention_step(cache: SALSCache, q, input_pos, idx, keep, cfg: dict | None =
     from kernels.sals_decode import decode_attention
     return decode_attention(q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos,
                             input_pos, idx.view(len(idx), -1, idx.shape[-1]), keep.view(len(idx), -1, idx.shape[-1]), cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q,
-                            cache.v_scale, cache.v_zero, cache.bits)
+                            cache.v_scale, cache.v_zero, cache.bits, cache.n_exact)
 
 
 def select_step(cache: SALSCache, q_lat, input_pos):
@@ -123,7 +123,7 @@ def kernel_errors(cache: SALSCache, q, k, v, input_pos, rope, cfg: dict | None =
         poisoned(B, H, n_split, Dh, device=q.device)
     launch_decode(q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, input_pos,
                   idx.view(B, -1, idx.shape[-1]), keep.view(B, -1, idx.shape[-1]), cache.k_lat_score, cache.k_lat_rest, cache.U,
-                  cache.rope, cache.v_q, cache.v_scale, cache.v_zero, cache.bits, m, l, acc, cfg)
+                  cache.rope, cache.v_q, cache.v_scale, cache.v_zero, cache.bits, cache.n_exact, m, l, acc, cfg)
     assert not (m.isnan().any() or l.isnan().any() or acc.isnan().any()), "a partial was left unwritten"
     out = combine_splits(m, l, acc)[:, :, None]
     ref = cache.attend_selected(q_rope, torch.arange(B, device=q.device), input_pos, idx, keep)
@@ -212,7 +212,8 @@ def sals_pieces(cache: SALSCache, q, k, v, pos, rope) -> dict[str, float]:
     scores, hist = poisoned(B, q_lat.shape[2], S, device=q.device), select_state(B * q_lat.shape[2], S, device=q.device)
     times = {"compress": graph_us(lambda: compress_step(
                  k, k_rope, v, pos, cache.U, cache.k_lat_score, cache.k_lat_rest, cache.v_q, cache.v_scale,
-                 cache.v_zero, cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits)),
+                 cache.v_zero, cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits,
+                 cache.n_exact)),
              "scores": graph_us(lambda: launch_latent_scores(cache.k_lat_score, cache.fused_latent_query(q, pos), pos,
                                                              cache.n_sink, cache.window, scores, hist)),
              "score+select": graph_us(lambda: select_step(cache, cache.fused_latent_query(q, pos), pos)),
@@ -375,7 +376,7 @@ def sweep(shape: str, S: int, B: int) -> list[str]:
     flop = 2 * int(keep.sum()) * cache.U.numel()
     args = (q[:, :, 0], cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, pos,
             idx, keep, cache.k_lat_score, cache.k_lat_rest, cache.U, cache.rope, cache.v_q, cache.v_scale,
-            cache.v_zero, cache.bits)
+            cache.v_zero, cache.bits, cache.n_exact)
     rows, best = [], None
     for cfg in SWEEP[family]:
         n = 1 + sd.split_count(idx.shape[-1], B * Hkv, cfg)

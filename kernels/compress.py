@@ -7,7 +7,8 @@ read once per step (per 64 sequences). Each of the B programs after them stores 
 full-precision copies: the value quantized exactly as sals_attention.quantize_values (or copied, 16-bit),
 the post-RoPE key and the value into the window ring slot (pos - sink) % window when pos >= sink (or the sink
 slot pos when pos < sink), and the ring's positions, where slots holding positions >= pos (an earlier, longer
-sequence of the row) are emptied first.
+sequence of the row) are emptied first; when pos < n_exact, also the pre-RoPE key at full rank, its heads' first and
+second channel halves into k_lat_score's and k_lat_rest's rows from n_exact on (sals_attention.latent_rows).
 
 Bit for bit SALSCache.write: the quantized codes, scales, zeros and every copy are identical; the latents
 agree up to the float32 summation order of the GEMV (within one unit in the last place of the cache dtype
@@ -50,7 +51,7 @@ def _round_toward(x, SDT: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
-def _latent_block(k_ptr, pos_ptr, u_ptr, kls_ptr, klr_ptr, blk, B, S, stride_kb, stride_kh, stride_ud, stride_ur,
+def _latent_block(k_ptr, pos_ptr, u_ptr, kls_ptr, klr_ptr, blk, B, S, S_LAT, stride_kb, stride_kh, stride_ud, stride_ur,
                   HD: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RS: tl.constexpr, N_C: tl.constexpr,
                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """Latent columns c of sequences bb: (k (BLOCK_B, D) @ U[:, c]) into k_lat_score / k_lat_rest at each pos."""
@@ -67,7 +68,7 @@ def _latent_block(k_ptr, pos_ptr, u_ptr, kls_ptr, klr_ptr, blk, B, S, stride_kb,
         # tf32, so the tensor cores still form exact products and accumulate in float32
         acc = tl.dot(x.to(tl.float32), u.to(tl.float32), acc, input_precision=PREC)
     pos = tl.load(pos_ptr + bb, mask=bb < B, other=-1).to(tl.int64)
-    row = (bb * S + pos)[:, None]  # (BLOCK_B, 1) token rows of the (B, S, ...) buffers
+    row = (bb * S_LAT + pos)[:, None]  # (BLOCK_B, 1) token rows of the (B, S_LAT, ...) latent buffers
     live = ((bb < B) & (pos >= 0) & (pos < S))[:, None]
     out = acc.to(kls_ptr.dtype.element_ty)
     tl.store(kls_ptr + row * RS + c[None, :], out, mask=live & (c[None, :] < RS))
@@ -76,11 +77,13 @@ def _latent_block(k_ptr, pos_ptr, u_ptr, kls_ptr, klr_ptr, blk, B, S, stride_kb,
 
 
 @triton.jit
-def _row(kr_ptr, v_ptr, pos_ptr, vq_ptr, vs_ptr, vz_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr, win_pos_ptr,
-         b, S, stride_rb, stride_rh, stride_vb, stride_vh, HD: tl.constexpr, CH: tl.constexpr, CHUNK: tl.constexpr,
-         N_SINK: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, BITS: tl.constexpr, TINY: tl.constexpr,
-         GROUP: tl.constexpr):
-    """Sequence b: its value (quantized or copied) at pos, the full-precision copies and the ring's positions."""
+def _row(k_ptr, kr_ptr, v_ptr, pos_ptr, kls_ptr, klr_ptr, vq_ptr, vs_ptr, vz_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr,
+         win_v_ptr, win_pos_ptr, b, S, S_LAT, stride_kb, stride_kh, stride_rb, stride_rh, stride_vb, stride_vh,
+         HD: tl.constexpr, CH: tl.constexpr, CHUNK: tl.constexpr, RS: tl.constexpr, RR: tl.constexpr,
+         N_EXACT: tl.constexpr, N_SINK: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, BITS: tl.constexpr,
+         TINY: tl.constexpr, GROUP: tl.constexpr):
+    """Sequence b: its value (quantized or copied) at pos, the full-precision copies, the ring's positions, and the
+    full-rank key of an early position."""
     pos = tl.load(pos_ptr + b).to(tl.int64)
     live = (pos >= 0) & (pos < S)
     row = b * S + pos  # int64: B * S * Hkv * Dh can pass 2^31
@@ -116,6 +119,14 @@ def _row(kr_ptr, v_ptr, pos_ptr, vq_ptr, vs_ptr, vz_ptr, sink_k_ptr, sink_v_ptr,
             tl.store(sink_v_ptr + (b * N_SINK + pos) * CH + ch, v, mask=in_sink & chm)
         tl.store(win_k_ptr + (b * W + slot) * CH + ch, kr, mask=in_win & chm)
         tl.store(win_v_ptr + (b * W + slot) * CH + ch, v, mask=in_win & chm)
+        if N_EXACT > 0:  # channel e of head hh: half e // (HD/2) at ((b, n_exact + ...), hh, e % (HD/2))
+            HD2: tl.constexpr = HD // 2
+            k = tl.load(k_ptr + b * stride_kb + (ch // HD) * stride_kh + ch % HD, mask=chm)
+            early = live & chm & (pos < N_EXACT)
+            at = (pos * (CH // HD) + ch // HD) * HD2 + ch % HD2
+            first = (ch % HD) < HD2
+            tl.store(kls_ptr + (b * S_LAT + N_EXACT) * RS + at, k, mask=early & first)
+            tl.store(klr_ptr + (b * S_LAT + N_EXACT) * RR + at, k, mask=early & ~first)
     j = tl.arange(0, W_P)
     wp = tl.load(win_pos_ptr + b * W + j, mask=j < W, other=-1)
     wp = tl.where(wp >= pos, -1, wp)  # slots of an earlier sequence of this row
@@ -127,20 +138,20 @@ def _row(kr_ptr, v_ptr, pos_ptr, vq_ptr, vs_ptr, vz_ptr, sink_k_ptr, sink_v_ptr,
 def _compress_kernel(
         k_ptr, kr_ptr, v_ptr, pos_ptr, u_ptr, kls_ptr, klr_ptr, vq_ptr, vs_ptr, vz_ptr,
         sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr, win_pos_ptr,
-        B, S, stride_kb, stride_kh, stride_rb, stride_rh, stride_vb, stride_vh, stride_ud, stride_ur,
+        B, S, S_LAT, stride_kb, stride_kh, stride_rb, stride_rh, stride_vb, stride_vh, stride_ud, stride_ur,
         HD: tl.constexpr, HKV: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr, RS: tl.constexpr,
         N_SINK: tl.constexpr, W: tl.constexpr, W_P: tl.constexpr, BITS: tl.constexpr, TINY: tl.constexpr,
         GROUP: tl.constexpr, N_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        PREC: tl.constexpr):
+        N_EXACT: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     n_lat = N_C * tl.cdiv(B, BLOCK_B)
     if pid < n_lat:
-        _latent_block(k_ptr, pos_ptr, u_ptr, kls_ptr, klr_ptr, pid, B, S, stride_kb, stride_kh, stride_ud, stride_ur,
+        _latent_block(k_ptr, pos_ptr, u_ptr, kls_ptr, klr_ptr, pid, B, S, S_LAT, stride_kb, stride_kh, stride_ud, stride_ur,
                       HD, HKV * HD, R, RS, N_C, BLOCK_B, BLOCK_C, BLOCK_D, PREC)
     else:
-        _row(kr_ptr, v_ptr, pos_ptr, vq_ptr, vs_ptr, vz_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr,
-             win_pos_ptr, pid - n_lat, S, stride_rb, stride_rh, stride_vb, stride_vh, HD, HKV * HD, CHUNK,
-             N_SINK, W, W_P, BITS, TINY, GROUP)
+        _row(k_ptr, kr_ptr, v_ptr, pos_ptr, kls_ptr, klr_ptr, vq_ptr, vs_ptr, vz_ptr, sink_k_ptr, sink_v_ptr,
+             win_k_ptr, win_v_ptr, win_pos_ptr, pid - n_lat, S, S_LAT, stride_kb, stride_kh, stride_rb, stride_rh, stride_vb,
+             stride_vh, HD, HKV * HD, CHUNK, RS, R - RS, N_EXACT, N_SINK, W, W_P, BITS, TINY, GROUP)
 
 
 @torch.library.triton_op("sals::compress_step", mutates_args=(
@@ -148,13 +159,14 @@ def _compress_kernel(
 def compress_step(k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor, U: Tensor, k_lat_score: Tensor,
                   k_lat_rest: Tensor, v_q: Tensor, v_scale: Optional[Tensor], v_zero: Optional[Tensor],
                   sink_k: Tensor, sink_v: Tensor, win_k: Tensor, win_v: Tensor, window_pos: Tensor,
-                  bits: int) -> None:
+                  bits: int, n_exact: int) -> None:
     """Stores the new token (position input_pos (B, 1)) of every sequence into a SALS cache's buffers, in place.
     k (B, Hkv, 1, Dh) pre-RoPE, k_rope, v (B, Hkv, 1, Dh) (any strides with contiguous channels); U (D, r) any
-    strides; the buffers as SALSCache allocates them (contiguous): k_lat_score (B, S, r*), k_lat_rest
-    (B, S, r - r*), v_q (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero (B, S, Hkv, Dh/group), or v_q
-    (B, S, Hkv, Dh) when bits == 16 (v_scale, v_zero None); sink_k/v (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh),
-    window_pos (B, W) int32. Raises ValueError on inputs of another shape or dtype than the buffers'."""
+    strides; the buffers as SALSCache allocates them (contiguous): k_lat_score (B, S_lat, r*), k_lat_rest
+    (B, S_lat, r - r*) with S_lat >= S (sals_attention.latent_rows), v_q (B, S, Hkv, Dh*bits/8) uint8 with
+    v_scale, v_zero (B, S, Hkv, Dh/group), or v_q (B, S, Hkv, Dh) when bits == 16 (v_scale, v_zero None); sink_k/v (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh),
+    window_pos (B, W) int32; n_exact the cache's (positions whose keys are also kept at full rank; 0: none). Raises
+    ValueError on inputs of another shape or dtype than the buffers'."""
     B, Hkv, T, HD = k.shape
     if T != 1 or tuple(input_pos.shape) != (B, 1) or k_rope.shape != k.shape or v.shape != k.shape:
         raise ValueError(f"compress_step stores one token per sequence: k, k_rope, v (B, Hkv, 1, Dh) and "
@@ -167,15 +179,15 @@ def compress_step(k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor, U: Te
         raise ValueError(f"k, k_rope and v are {k.dtype}, {k_rope.dtype}, {v.dtype}; the cache holds {U.dtype}: "
                          f"cast them to the cache's dtype.")
     launch_compress(k, k_rope, v, input_pos, U, k_lat_score, k_lat_rest, v_q, v_scale, v_zero, sink_k, sink_v,
-                    win_k, win_v, window_pos, bits)
+                    win_k, win_v, window_pos, bits, n_exact)
 
 
 def launch_compress(k, k_rope, v, input_pos, U, k_lat_score, k_lat_rest, v_q, v_scale, v_zero, sink_k, sink_v,
-                    win_k, win_v, window_pos, bits: int, cfg: dict | None = None):
+                    win_k, win_v, window_pos, bits: int, n_exact: int, cfg: dict | None = None):
     """The kernel (compress_step's arguments); cfg: launch settings as CONFIG (default: CONFIG on CUDA, else
     INTERPRETER_CONFIG)."""
     B, Hkv, _, HD = k.shape
-    S, RS, R, W = k_lat_score.shape[1], k_lat_score.shape[2], U.shape[1], win_k.shape[1]
+    S, S_lat, RS, R, W = v_q.shape[1], k_lat_score.shape[1], k_lat_score.shape[2], U.shape[1], win_k.shape[1]
     cfg = cfg or (CONFIG if k.is_cuda else INTERPRETER_CONFIG)
     for t in (k, k_rope, v):
         assert t.stride(3) == 1, "k, k_rope and v need contiguous channels"
@@ -189,13 +201,13 @@ def launch_compress(k, k_rope, v, input_pos, U, k_lat_score, k_lat_rest, v_q, v_
     sk, sv = (sink_k, sink_v) if sink_k.numel() else (None, None)
     torch.library.wrap_triton(_compress_kernel)[(N_C * triton.cdiv(B, BLOCK_B) + B,)](
         k, k_rope, v, input_pos.reshape(B), U, k_lat_score, klr, v_q, v_scale, v_zero, sk, sv, win_k, win_v, window_pos,
-        B, S, k.stride(0), k.stride(1), k_rope.stride(0), k_rope.stride(1), v.stride(0), v.stride(1),
+        B, S, S_lat, k.stride(0), k.stride(1), k_rope.stride(0), k_rope.stride(1), v.stride(0), v.stride(1),
         U.stride(0), U.stride(1),
         HD=HD, HKV=Hkv, CHUNK=min(cfg["chunk"], triton.next_power_of_2(Hkv * HD)), R=R, RS=RS,
         N_SINK=sink_k.shape[1], W=W, W_P=triton.next_power_of_2(W), BITS=bits,
         TINY=0.0 if v_scale is None else torch.finfo(v_scale.dtype).tiny,
         GROUP=32 if v_scale is None else HD // v_scale.shape[-1], N_C=N_C, BLOCK_B=BLOCK_B, BLOCK_C=cfg["block_c"],
-        BLOCK_D=cfg["block_d"],
+        BLOCK_D=cfg["block_d"], N_EXACT=n_exact,
         PREC="ieee" if k.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -214,7 +226,7 @@ if __name__ == "__main__":
                        torch.zeros(B, 16, Hkv, 128, device=dev, dtype=dt), torch.zeros(B, 16, Hkv, 128, device=dev, dtype=dt),
                        torch.zeros(B, 64, Hkv, 128, device=dev, dtype=dt), torch.zeros(B, 64, Hkv, 128, device=dev, dtype=dt),
                        torch.full((B, 64), -1, device=dev, dtype=torch.int32))
-            t = graph_us(lambda: compress_step(k, k_rope, v, pos, U, *buffers, 2))
+            t = graph_us(lambda: compress_step(k, k_rope, v, pos, U, *buffers, 2, 0))
             nbytes = U.numel() * 2 + 3 * k.numel() * 2  # U and the new token (the writes are a few KB)
             print(f"{name} SALS-12.5% (D={D}, r={r}) B={B}: {t:.1f} us, floor {nbytes / copy_ceiling() * 1e6:.1f} us "
                   f"({nbytes / t / 1e6 / (copy_ceiling() / 1e12):.0%} of the copy ceiling)")

@@ -10,8 +10,9 @@ written to memory; values are dequantized on the fly. A latent of at most two r 
 one shot with the head's rows of U loaded once, before the token loop, so the loop body holds only gathers the
 pipeliner can overlap; wider latents (MHA) loop over r tiles. The query arrives pre-RoPE, straight from the model's
 projection, and is rotated here with its own row of the table. Selections are one per layer (idx (B, 1, k)) or one
-per KV head (idx (B, Hkv, k)). Online softmax in float32, base 2; each split writes a partial (max, sum, acc) and
-a second, small kernel combines the splits.
+per KV head (idx (B, Hkv, k)). A sequence shorter than n_exact reads its keys at full rank instead (a second copy
+of the token loop, so that the rebuild loop of long rows is unchanged). Online softmax in float32, base 2; each
+split writes a partial (max, sum, acc) and a second, small kernel combines the splits.
 
     python -m kernels.sals_decode          # micro-benchmark on a GPU (Llama-2-7B / Mistral-7B layers, SALS-12.5%)
 """
@@ -98,15 +99,59 @@ def _values(vq_ptr, vs_ptr, vz_ptr, vrow, ok, BLOCK_N: tl.constexpr, NV: tl.cons
 
 
 @triton.jit
+def _selected(q1, q2, m, l, acc, b, h, lo, sel, idx_ptr, keep_ptr, kls_ptr, klr_ptr, u1, u2, u1s, u2s, u1r, u2r,
+              rope_ptr, vq_ptr, vs_ptr, vz_ptr, S, S_LAT, K, qk_scale, HKV: tl.constexpr, HD: tl.constexpr,
+              RS: tl.constexpr, RR: tl.constexpr, BITS: tl.constexpr, TPS: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_R: tl.constexpr, ONE_SHOT: tl.constexpr, N_EXACT: tl.constexpr, EXACT: tl.constexpr,
+              PREC: tl.constexpr):
+    """The selected tokens [lo, lo + TPS) of index row sel, attended by KV head h of sequence b: (m, l, acc) updated.
+    Keys rebuilt from the latents, or, EXACT, read at full rank from the latent buffers' rows from N_EXACT on."""
+    HD2: tl.constexpr = HD // 2
+    d = tl.arange(0, HD2)
+    dt = q1.dtype
+    c = tl.arange(0, BLOCK_R)
+    # one loop with a static trip count, so that Triton's pipeliner can prefetch a block's positions, then its
+    # latent rows, table rows and values, while the blocks before it are rebuilt and attended; blocks past K
+    # (in the last split only) are masked whole and load nothing
+    for t0 in range(0, TPS, BLOCK_N):
+        t = lo + t0 + tl.arange(0, BLOCK_N)
+        ok = (t < K) & (tl.load(keep_ptr + sel + t, mask=t < K, other=0) != 0)
+        j = tl.load(idx_ptr + sel + t, mask=ok, other=0)  # (BLOCK_N,) positions
+        lat = b * S_LAT + j[:, None]  # (BLOCK_N, 1) latent rows
+        if EXACT:
+            at = (j[:, None] * HKV + h) * HD2 + d[None, :]  # (BLOCK_N, HD2) in the (n_exact, Hkv, Dh/2) halves
+            k1 = tl.load(kls_ptr + (b * S_LAT + N_EXACT) * RS + at, mask=ok[:, None], other=0.0).to(tl.float32)
+            k2 = tl.load(klr_ptr + (b * S_LAT + N_EXACT) * RR + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        elif ONE_SHOT:
+            ls = tl.load(kls_ptr + lat * RS + c[None, :], mask=ok[:, None] & (c[None, :] < RS), other=0.0)
+            lr = tl.load(klr_ptr + lat * RR + c[None, :], mask=ok[:, None] & (c[None, :] < RR), other=0.0)
+            k1 = tl.dot(lr, tl.trans(u1r), tl.dot(ls, tl.trans(u1s), input_precision=PREC), input_precision=PREC)
+            k2 = tl.dot(lr, tl.trans(u2r), tl.dot(ls, tl.trans(u2s), input_precision=PREC), input_precision=PREC)
+        else:
+            k1 = tl.zeros([BLOCK_N, HD2], tl.float32)
+            k2 = tl.zeros([BLOCK_N, HD2], tl.float32)
+            k1, k2 = _rebuild(k1, k2, kls_ptr + lat * RS, ok, u1, u2, 0, RS, BLOCK_R, PREC)
+            k1, k2 = _rebuild(k1, k2, klr_ptr + lat * RR, ok, u1, u2, RS, RR, BLOCK_R, PREC)
+        # the tokens' rows of the model's (cos, sin) table, loaded whole (16-byte loads), then split
+        cs = tl.load(rope_ptr + j[:, None] * HD + tl.arange(0, HD)[None, :], mask=ok[:, None], other=0.0)
+        cos, sin = tl.split(tl.reshape(cs, [BLOCK_N, HD2, 2]))  # (BLOCK_N, HD2)
+        r1 = (k1 * cos - k2 * sin).to(dt)
+        r2 = (k2 * cos + k1 * sin).to(dt)
+        v = _values(vq_ptr, vs_ptr, vz_ptr, (b * S + j[:, None]) * HKV + h, ok, BLOCK_N, HD, HD, BITS, dt)
+        m, l, acc = _attend_block(q1, q2, r1, r2, v, ok, m, l, acc, qk_scale, PREC)
+    return m, l, acc
+
+
+@triton.jit
 def _sals_decode_kernel(
         q_ptr, sink_k_ptr, sink_v_ptr, win_k_ptr, win_v_ptr, win_pos_ptr, pos_ptr,
         idx_ptr, keep_ptr, kls_ptr, klr_ptr, u_ptr, rope_ptr, vq_ptr, vs_ptr, vz_ptr,
-        m_ptr, l_ptr, acc_ptr, S, K, stride_qb, stride_qh,
+        m_ptr, l_ptr, acc_ptr, S, S_LAT, K, stride_qb, stride_qh,
         qk_scale: tl.constexpr,  # constexpr: under torch.compile a float argument would arrive as fp64
         HKV: tl.constexpr, NQ: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, N_SINK: tl.constexpr,
         W: tl.constexpr, RS: tl.constexpr, RR: tl.constexpr, BITS: tl.constexpr, TPS: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ONE_SHOT: tl.constexpr,
-        PREC: tl.constexpr):
+        N_EXACT: tl.constexpr, PREC: tl.constexpr):
     split, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_split = tl.num_programs(0)
     HD2: tl.constexpr = HD // 2
@@ -149,37 +194,21 @@ def _sals_decode_kernel(
         sel = (b * NQ + h % NQ).to(tl.int64) * K  # the row of idx and keep: one per sequence, or one per KV head
         u1 = u_ptr + kcol[:, None] * (RS + RR)  # (HD2, 1): rows of U (D, r) of the first halves ...
         u2 = u1 + HD2 * (RS + RR)  # ... and of the second halves
+        c = tl.arange(0, BLOCK_R)
+        u1s, u2s, u1r, u2r = u1, u2, u1, u2  # unused unless ONE_SHOT
         if ONE_SHOT:  # the head's rows of U, loaded once: (HD2, BLOCK_R) per half and latent part
-            c = tl.arange(0, BLOCK_R)
             u1s = tl.load(u1 + c[None, :], mask=c[None, :] < RS, other=0.0)
             u2s = tl.load(u2 + c[None, :], mask=c[None, :] < RS, other=0.0)
             u1r = tl.load(u1 + RS + c[None, :], mask=c[None, :] < RR, other=0.0)
             u2r = tl.load(u2 + RS + c[None, :], mask=c[None, :] < RR, other=0.0)
-        # one loop with a static trip count, so that Triton's pipeliner can prefetch a block's positions, then its
-        # latent rows, table rows and values, while the blocks before it are rebuilt and attended; blocks past K
-        # (in the last split only) are masked whole and load nothing
-        for t0 in range(0, TPS, BLOCK_N):
-            t = lo + t0 + tl.arange(0, BLOCK_N)
-            ok = (t < K) & (tl.load(keep_ptr + sel + t, mask=t < K, other=0) != 0)
-            j = tl.load(idx_ptr + sel + t, mask=ok, other=0)  # (BLOCK_N,) positions
-            lat = b * S + j[:, None]  # (BLOCK_N, 1) latent rows
-            if ONE_SHOT:
-                ls = tl.load(kls_ptr + lat * RS + c[None, :], mask=ok[:, None] & (c[None, :] < RS), other=0.0)
-                lr = tl.load(klr_ptr + lat * RR + c[None, :], mask=ok[:, None] & (c[None, :] < RR), other=0.0)
-                k1 = tl.dot(lr, tl.trans(u1r), tl.dot(ls, tl.trans(u1s), input_precision=PREC), input_precision=PREC)
-                k2 = tl.dot(lr, tl.trans(u2r), tl.dot(ls, tl.trans(u2s), input_precision=PREC), input_precision=PREC)
-            else:
-                k1 = tl.zeros([BLOCK_N, HD2], tl.float32)
-                k2 = tl.zeros([BLOCK_N, HD2], tl.float32)
-                k1, k2 = _rebuild(k1, k2, kls_ptr + lat * RS, ok, u1, u2, 0, RS, BLOCK_R, PREC)
-                k1, k2 = _rebuild(k1, k2, klr_ptr + lat * RR, ok, u1, u2, RS, RR, BLOCK_R, PREC)
-            # the tokens' rows of the model's (cos, sin) table, loaded whole (16-byte loads), then split
-            cs = tl.load(rope_ptr + j[:, None] * HD + tl.arange(0, HD)[None, :], mask=ok[:, None], other=0.0)
-            cos, sin = tl.split(tl.reshape(cs, [BLOCK_N, HD2, 2]))  # (BLOCK_N, HD2)
-            r1 = (k1 * cos - k2 * sin).to(dt)
-            r2 = (k2 * cos + k1 * sin).to(dt)
-            v = _values(vq_ptr, vs_ptr, vz_ptr, lat * HKV + h, ok, BLOCK_N, HD, HD, BITS, dt)
-            m, l, acc = _attend_block(q1, q2, r1, r2, v, ok, m, l, acc, qk_scale, PREC)
+        if pos < N_EXACT:  # a short row: its keys at full rank (sals_attention.latent_rows), no rebuild
+            m, l, acc = _selected(q1, q2, m, l, acc, b, h, lo, sel, idx_ptr, keep_ptr, kls_ptr, klr_ptr, u1, u2, u1s,
+                                  u2s, u1r, u2r, rope_ptr, vq_ptr, vs_ptr, vz_ptr, S, S_LAT, K, qk_scale, HKV, HD, RS,
+                                  RR, BITS, TPS, BLOCK_N, BLOCK_R, ONE_SHOT, N_EXACT, True, PREC)
+        else:
+            m, l, acc = _selected(q1, q2, m, l, acc, b, h, lo, sel, idx_ptr, keep_ptr, kls_ptr, klr_ptr, u1, u2, u1s,
+                                  u2s, u1r, u2r, rope_ptr, vq_ptr, vs_ptr, vz_ptr, S, S_LAT, K, qk_scale, HKV, HD, RS,
+                                  RR, BITS, TPS, BLOCK_N, BLOCK_R, ONE_SHOT, N_EXACT, False, PREC)
     out = (b * HKV + h) * G + row  # (BLOCK_Q,) query heads
     tl.store(m_ptr + out * n_split + split, m, mask=live)
     tl.store(l_ptr + out * n_split + split, l, mask=live)
@@ -217,14 +246,16 @@ def launch_combine(m: Tensor, l: Tensor, acc: Tensor, out: Tensor):
 def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, win_k: Tensor, win_v: Tensor, window_pos: Tensor,
                      input_pos: Tensor, idx: Tensor, keep: Tensor, k_lat_score: Tensor, k_lat_rest: Tensor,
                      U: Tensor, rope: Tensor, v_q: Tensor, v_scale: Optional[Tensor], v_zero: Optional[Tensor],
-                     bits: int) -> Tensor:
+                     bits: int, n_exact: int) -> Tensor:
     """One decode step of attention over sinks + window + selected tokens, for every sequence.
     q (B, H, Dh) pre-RoPE (any strides with contiguous channels: the kernel rotates it at input_pos); sink_k/v
     (B, n_sink, Hkv, Dh), win_k/v (B, W, Hkv, Dh) post-RoPE, window_pos (B, W) (-1 empty); input_pos (B, 1); idx,
     keep (B, NQ, k) selected positions and which count, NQ = 1 (one selection per layer) or Hkv (one per KV head);
-    k_lat_score (B, S, r*), k_lat_rest (B, S, r - r*), U (D, r), rope (>= S, Dh/2, 2) float32 the model's (cos, sin)
-    table; v_q (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero (B, S, Hkv, Dh/32), or (B, S, Hkv, Dh) when
-    bits == 16. Returns (B, H, Dh) in q's dtype."""
+    k_lat_score (B, S_lat, r*), k_lat_rest (B, S_lat, r - r*) with S_lat >= S (sals_attention.latent_rows), U (D, r),
+    rope (>= S, Dh/2, 2) float32 the model's (cos, sin) table; v_q (B, S, Hkv, Dh*bits/8) uint8 with v_scale, v_zero
+    (B, S, Hkv, Dh/32), or (B, S, Hkv, Dh) when bits == 16; n_exact the cache's: a sequence at input_pos < n_exact
+    reads its selected keys at full rank from the latent buffers' rows from n_exact on instead of rebuilding them.
+    Returns (B, H, Dh) in q's dtype."""
     B, H, HD = q.shape
     Hkv, K = win_k.shape[2], idx.shape[-1]
     cfg = decode_config(H // Hkv, q.is_cuda)
@@ -233,7 +264,7 @@ def decode_attention(q: Tensor, sink_k: Tensor, sink_v: Tensor, win_k: Tensor, w
     l = torch.empty_like(m)
     acc = torch.empty(B, H, 1 + n_sel, HD, dtype=torch.float32, device=q.device)
     launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, keep, k_lat_score, k_lat_rest, U,
-                  rope, v_q, v_scale, v_zero, bits, m, l, acc, cfg)
+                  rope, v_q, v_scale, v_zero, bits, n_exact, m, l, acc, cfg)
     out = torch.empty(B, H, HD, dtype=q.dtype, device=q.device)
     launch_combine(m, l, acc, out)
     return out
@@ -255,13 +286,14 @@ def split_count(K: int, programs: int, cfg: dict) -> int:
 
 
 def launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, keep, k_lat_score, k_lat_rest, U,
-                  rope, v_q, v_scale, v_zero, bits: int, m: Tensor, l: Tensor, acc: Tensor, cfg: dict | None = None):
+                  rope, v_q, v_scale, v_zero, bits: int, n_exact: int, m: Tensor, l: Tensor, acc: Tensor,
+                  cfg: dict | None = None):
     """The kernel, writing the partials of 1 + n_sel splits into m, l (B, H, 1 + n_sel), acc (B, H, 1 + n_sel, Dh)
     float32 (tests pass buffers poisoned with NaN); the selected tokens are shared evenly by the n_sel splits.
     cfg: launch settings as in CONFIGS (default: decode_config). Returns Triton's compiled-kernel handle."""
     B, H, HD = q.shape
     n_sink, W, Hkv = sink_k.shape[1], win_k.shape[1], win_k.shape[2]
-    S, RS, RR, K = k_lat_score.shape[1], k_lat_score.shape[2], k_lat_rest.shape[2], idx.shape[-1]
+    S, S_lat, RS, RR, K = v_q.shape[1], k_lat_score.shape[1], k_lat_score.shape[2], k_lat_rest.shape[2], idx.shape[-1]
     G, n_split, NQ = H // Hkv, m.shape[2], idx.shape[1]
     cfg = cfg or decode_config(G, q.is_cuda)
     assert HD in (32, 64, 128, 256) and (bits == 16 or HD % 32 == 0), f"unsupported head_dim {HD}"
@@ -281,11 +313,11 @@ def launch_decode(q, sink_k, sink_v, win_k, win_v, window_pos, input_pos, idx, k
     zero = v_q if v_zero is None else v_zero
     return torch.library.wrap_triton(_sals_decode_kernel)[(n_split, Hkv, B)](
         q, sink_k, sink_v, win_k, win_v, window_pos, input_pos.reshape(B), idx, keep, k_lat_score, k_lat_rest,
-        U, rope, v_q, scale, zero, m, l, acc, S, K, q.stride(0), q.stride(1),
+        U, rope, v_q, scale, zero, m, l, acc, S, S_lat, K, q.stride(0), q.stride(1),
         HD ** -0.5 * math.log2(math.e),
         HKV=Hkv, NQ=NQ, G=G, HD=HD, N_SINK=n_sink, W=W, RS=RS, RR=RR, BITS=bits, TPS=TPS,
         BLOCK_Q=max(16, triton.next_power_of_2(G)), BLOCK_N=BLOCK_N, BLOCK_R=block_r, ONE_SHOT=one_shot,
-        PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        N_EXACT=n_exact, PREC="tf32" if q.dtype != torch.float32 else "ieee", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def latent_block(RS: int, RR: int, block_r: int) -> int:
@@ -320,7 +352,8 @@ if __name__ == "__main__":
         rope = torch.stack([angles.cos(), angles.sin()], -1).float()
         v_q = torch.randint(0, 256, (B, S, Hkv, HD // 4), device=dev, dtype=torch.uint8)
         v_scale, v_zero = rnd(B, S, Hkv, HD // 32).abs(), rnd(B, S, Hkv, HD // 32)
-        args = (q, sink_k, sink_v, win_k, win_v, window_pos, pos, idx, keep, kls, klr, U, rope, v_q, v_scale, v_zero, 2)
+        args = (q, sink_k, sink_v, win_k, win_v, window_pos, pos, idx, keep, kls, klr, U, rope, v_q, v_scale, v_zero, 2,
+                S // 8)  # the short-row branch compiled in, as in a cache, but not taken
         t = graph_us(lambda: decode_attention(*args))
         flop = 2 * B * K * D * r  # the key rebuild
         nbytes = B * K * (r * 2 + Hkv * (HD // 4 + 2 * 2 * HD // 32) + 8) + U.numel() * 2 + 2 * sink_k.numel() * 2 * 5

@@ -42,9 +42,14 @@ def dense_bytes(B: int, S: int, L: int = 5, Hkv: int = 2, Dh: int = 32, size: in
 
 
 def sals_bytes(B: int, S: int, rank: int, bits: int, Hkv: int = 2, Dh: int = 32) -> int:
-    """Every buffer of the tiny shape's caches (float32): 3 dense layers and 2 SALS layers, from docs/sals.md's layout."""
+    """Every buffer of the tiny shape's caches (float32): 3 dense layers and 2 SALS layers, from docs/sals.md's layout.
+    The latent rows also hold the full-rank keys of the first min(512, S) positions (halves of Hkv * Dh / 2 in each
+    rank / 2-wide part) past row min(512, S): more rows than S where S is too short for them."""
+    m = min(512, S)
+    rows = max(S, m + math.ceil(m * Hkv * Dh / 2 / (rank // 2)))
     per_layer = (Hkv * Dh * rank * 4 + Dh // 2 * 8  # U, RoPE frequencies (float64)
-                 + B * S * (rank * 4 + Hkv * Dh * bits // 8 + 2 * Hkv * Dh // 32 * 2)  # latents, values, scale+zero
+                 + B * rows * rank * 4  # latents
+                 + B * S * (Hkv * Dh * bits // 8 + 2 * Hkv * Dh // 32 * 2)  # values, scale+zero
                  + 2 * B * (SINK + WINDOW) * Hkv * Dh * 4 + B * WINDOW * 4  # sinks and window (K, V), window_pos
                  + S * 4)  # the budget of every position (int32)
     return dense_bytes(B, S, L=3) + 2 * per_layer

@@ -343,15 +343,17 @@ def test_head_topk_cache_attends_each_heads_own_top_tokens(min_tokens):
     assert len(chosen[3]) == (49 if min_tokens else 3)  # row 2 at 60: every candidate, or the proportional 3
 
 
-def test_short_prompt_pass_key_needs_the_minimum_budget(real, haystack):
+def test_short_prompt_pass_key_found_as_dense_finds_it(real, haystack):
     """Issue 14: a 400-token prompt is shorter than (sinks + window) / sparsity = 640 tokens, so the paper's
-    proportional budget attends only the 16 sinks and the 64-token window and misses a pass key that dense attention
-    finds; with the default minimum budget every cached token is attended (compressed) and it is found."""
+    proportional budget attends only the 16 sinks and the 64-token window and misses the pass key that dense attention
+    finds. The default's minimum budget attends every cached token, and with their keys at full rank (not rank-D/4
+    latents, which missed the second key here) both presets find what dense finds."""
     model, tokenizer, calib, _ = real
-    res = evals.passkey(model, calib, tokenizer, haystack, M("dense", "sals-25-paper", "sals-25"), [410], [0.5], 1)
-    rec = res["records"][0]
-    assert 0.3 < rec["needle_at"] < 0.7  # far outside the recent window
-    assert rec["found"] == {"dense": True, "sals-25-paper": False, "sals-25": True}, rec["answers"]
+    res = evals.passkey(model, calib, tokenizer, haystack, M("dense", "sals-25-paper", "sals-25", "sals-12.5"), [410],
+                        [0.5], 2)
+    for rec in res["records"]:
+        assert 0.3 < rec["needle_at"] < 0.7  # far outside the recent window
+        assert rec["found"] == {"dense": True, "sals-25-paper": False, "sals-25": True, "sals-12.5": True}, rec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +435,8 @@ def test_paired_interval():
 def test_decode_cost_counts_what_kv_memory_counts():
     """Memory: every byte, as bench/kv_memory.py counts it; dense reads its whole cache and its attention FLOPs are
     4 H Dh S per layer; SALS reads less than half of dense at 8K, its FLOPs as counted by hand, and per-KV-head
-    selection reads the selected latents once per KV head (more) at the same memory."""
+    selection reads the selected latents once per KV head (more) at the same memory; a short context rebuilds
+    nothing."""
     import sys
     from conftest import ROOT
     from sals_attention import SALSConfig
@@ -453,6 +456,11 @@ def test_decode_cost_counts_what_kv_memory_counts():
         assert c["flops"] == 3 * 4 * 9 * 64 * 8192 + 27 * per_layer  # more than dense: rebuilding is 2 r D per key
         kv = evals.decode_cost(args, VariantConfig.preset(f, paper=True, selection="kv-head"), 8192, 192)
         assert kv["bytes"] == c["bytes"] and kv["bytes_read"] > c["bytes_read"]
+    # 400 tokens, the default (3 distance buckets, per-KV-head scores): below min_tokens every one of the 320
+    # candidates is attended with its key read at full rank, so nothing is rebuilt
+    short = evals.decode_cost(args, VariantConfig.preset(0.25), 400, 192)
+    per_layer = 2 * 192 * 48 + 3 * 2 * 192 * 24 + 3 * 2 * 24 * 320 + 4 * 9 * 64 * 400
+    assert short["flops"] == 3 * 4 * 9 * 64 * 400 + 27 * per_layer
 
 
 def test_merge_results_pools_parts():
@@ -484,3 +492,13 @@ def test_merge_results_scores_parts_of_different_sizes():
     merged = evals.merge_results([part(1024, [True, False]), part(2048, [True])])
     assert merged["passkey"]["accuracy"]["dense"]["cells"] == {"1024/0.5": 0.5, "2048/0.5": 1.0}
     assert merged["ruler"]["score"]["dense"] == {"t/1024": 0.5, "t/2048": 1.0}
+
+
+def test_cli_checks_every_window_count_before_running(smollm2_dir, tmp_path, capsys):
+    """A window count the text cannot hold is refused before the first evaluation runs, not after the earlier
+    contexts' results (which would be lost with the run)."""
+    code = evals.main(["--checkpoint", str(smollm2_dir), "--evals", "ppl", "--methods", "dense", "--ppl_contexts",
+                       "64", "8192", "--ppl_windows", "1", "16", "--ppl_tokens", "16", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "too few for 16 windows of 8192 (at most 13)" in err, err
+    assert "ppl pride_and_prejudice (held out) 64:" not in err and not list(tmp_path.iterdir())

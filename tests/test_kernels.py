@@ -15,7 +15,7 @@ import torch
 
 from bench.attention_bench import kernel_errors, random_cache, rel_err
 from conftest import run_interpreted
-from model import ModelArgs, Transformer, rope_table
+from model import ModelArgs, Transformer, apply_rope, rope_table
 from sals_attention import SALSCache, SALSConfig, setup_sals
 
 PAPER = dict(selection="layer", ranking="pre-rope")  # one selection per layer: the counts below are per row
@@ -95,6 +95,26 @@ def check_decode_kernel_launch_variants(cfg, n_head, n_kv_head):
     n_split = 1 + sals_decode.split_count(cache.k_max, 3 * n_kv_head, cfg)
     err = kernel_errors(cache, *step, cfg=cfg, n_split=n_split)
     assert err["selected"] == (64 - 12) + (37 - 12) + 3 and err["attention"] < 1e-5, (err, n_split)
+
+
+@pytest.mark.parametrize("min_tokens,rows,selected", [(40, 256, 52 + 28 + 19), (64, 320, 52 + 52 + 19)])
+@pytest.mark.parametrize("n_head,n_kv_head", [(4, 4), (8, 2)])
+def check_decode_kernel_reads_short_rows_at_full_rank(n_head, n_kv_head, min_tokens, rows, selected):
+    """A row shorter than n_exact (= min_tokens) attends its tokens with the full-rank keys held in the latent rows it
+    has not reached, as the reference does (float32, 1e-5), and the longer rows rebuild theirs; rebuilt keys would
+    give that row another output. Those keys fit in the cache's own 256 latent rows (40 + 40 * 4), or need more
+    (64 + 64 * 4: sals_attention.latent_rows)."""
+    cache, *step = random_cache(3, 256, n_head, n_kv_head, 64, pos=[255, 150, 30], dtype=torch.float32, seed=3,
+                                sink=4, window=8, sparsity=0.25, min_tokens=min_tokens, rank_fraction=0.25,
+                                value_bits=4, **PAPER)
+    assert cache.n_exact == min_tokens and cache.k_lat_score.shape[1] == rows
+    err = kernel_errors(cache, *step)
+    assert err["selected"] == selected and err["attention"] < 1e-5, err
+    q, _, _, input_pos, rope = step
+    b, (idx, keep) = torch.tensor([2]), cache.select(q, input_pos, None)
+    exact = cache.attend_selected(apply_rope(q, rope)[2:], b, input_pos[2:], idx[2:], keep[2:])
+    cache.n_exact = 0
+    assert rel_err(cache.attend_selected(apply_rope(q, rope)[2:], b, input_pos[2:], idx[2:], keep[2:]), exact) > 1e-2
 
 
 @pytest.mark.parametrize("one_shot", [False, True])
@@ -225,7 +245,8 @@ def compress(cache, k, k_rope, v, input_pos):
     """kernels.compress.compress_step on a cache's buffers, as SALSCache.fused_decode calls it."""
     from kernels.compress import compress_step
     compress_step(k, k_rope, v, input_pos, cache.U, cache.k_lat_score, cache.k_lat_rest, cache.v_q, cache.v_scale,
-                  cache.v_zero, cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits)
+                  cache.v_zero, cache.sink_k, cache.sink_v, cache.win_k, cache.win_v, cache.window_pos, cache.bits,
+                  cache.n_exact)
 
 
 def assert_compressed_equal(cache, ref, k, input_pos):
@@ -256,9 +277,16 @@ def assert_compressed_equal(cache, ref, k, input_pos):
 @pytest.mark.parametrize("n_head,n_kv_head,head_dim,kw", COMPRESS_CASES)
 def check_compress(n_head, n_kv_head, head_dim, kw, dtype):
     """compress_step leaves every buffer as SALSCache.write does, for rows before, at and past the sinks, with
-    a wrapped ring and with rings holding an earlier sequence's positions >= the new one."""
-    out = compress_step_and_reference(n_head, n_kv_head, head_dim, dtype, COMPRESS_POS, STALE.items(), **kw)
+    a wrapped ring and with rings holding an earlier sequence's positions >= the new one; rows before n_exact (5)
+    also store their pre-RoPE key at full rank."""
+    out = compress_step_and_reference(n_head, n_kv_head, head_dim, dtype, COMPRESS_POS, STALE.items(), min_tokens=5,
+                                      **kw)
     assert_compressed_equal(*out)
+    cache, _, k, input_pos = out  # rows at positions 0, 3, 4 < n_exact: their pre-RoPE keys kept at full rank too
+    early = (input_pos[:, 0] < cache.n_exact).nonzero()[:, 0].tolist()
+    assert early == [0, 1, 2], cache.n_exact
+    for b in early:
+        assert torch.equal(torch.cat([t[b, input_pos[b, 0]] for t in cache.exact_keys()], -1), k[b, :, 0])
     window_pos = out[0].window_pos  # the stale slots emptied, the older ones of row 5 kept
     assert window_pos[4].tolist() == [-1, 13, -1, -1, -1, -1, -1, -1]
     assert window_pos[5].tolist() == [20, -1, -1, -1, 16, 17, 18, 19]
@@ -298,7 +326,7 @@ def test_sals_layers_share_the_models_rope_table():
         SALSCache(SALSConfig(rank=32).resolve(args, 128), args, 1, 300, torch.zeros(128, 32), rope_table(args, 200))
 
 
-N_CHILD_TESTS = len(CASES) + 3 + 3 + 2 * len(VARIANTS) + 3 + 3 * len(COMPRESS_CASES) + 1
+N_CHILD_TESTS = len(CASES) + 3 + 3 + 2 * len(VARIANTS) + 4 + 3 + 3 * len(COMPRESS_CASES) + 1
 if CHILD:  # the child collects the checks as tests, and not the launcher
     assert os.environ.get("TRITON_INTERPRET") == "1"
     del test_kernels_in_triton_interpreter, test_sals_layers_share_the_models_rope_table  # parent-only tests

@@ -278,6 +278,51 @@ def test_min_tokens_default_and_fixed_budget_check():
         SALSConfig(value_bits=16, min_tokens=-1).resolve(args, 64)
 
 
+class NoExactKeys(SALSCache):
+    """The cache with its full-rank keys of short rows turned off: every attended key rebuilt from its latent."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.n_exact = 0
+
+
+def test_short_rows_attend_full_rank_keys_exactly():
+    """Issue 14: a row shorter than the minimum budget attends every token, with its keys at full rank (held in the
+    latent rows it has not reached: sals_attention.latent_rows); with 16-bit values it equals dense attention (float64
+    brute force), where rank-4 latents of the 16-wide keys do not; once the row passes n_exact its step is the plain
+    one (the latents of its first positions were written all along), as in a cache without full-rank keys."""
+    args = layer_args()  # Hkv 2 x head_dim 8: D = 16
+    U = orthonormal(16, torch.Generator().manual_seed(3))
+    cfg = SALSConfig(rank=4, value_bits=16, sink=2, window=4, min_tokens=32)
+    H, G, out = args.n_head, args.n_head // args.n_kv_head, {}
+    cache = SALSCache(cfg.resolve(args, 16), args, 1, 200, U[:, :4])
+    assert cache.n_exact == 32 and cache.k_lat_score.shape[1] == 200  # 32 + 32 * 8 / 2 rows fit in the cache's own
+
+    def record(name):
+        def on_step(cache, q, y, pos, hist):
+            for i, p in enumerate(pos[:, 0].tolist()):
+                out[name, i, p] = y[i, :, 0]
+                if name == "exact":
+                    k = torch.stack([rope64(hist[i][j][0], j) for j in range(p + 1)])  # (p+1, Hkv, Dh)
+                    v = torch.stack([hist[i][j][1] for j in range(p + 1)])
+                    logits = torch.einsum("hd,jhd->hj", rope64(q[i, :, 0], p), k[:, torch.arange(H) // G])
+                    dense = torch.einsum("hj,jhd->hd", (logits / math.sqrt(8)).softmax(-1), v[:, torch.arange(H) // G])
+                    out["dense", i, p] = dense
+        return on_step
+    for name, cls in [("exact", SALSCache), ("rebuilt", NoExactKeys)]:
+        feed_layer(cfg, args, [10, 25], 12, U, record(name), S=200, cache_class=cls)
+    for (name, i, p), y in out.items():
+        if name != "exact":
+            continue
+        err = float((y - out["dense", i, p]).norm() / out["dense", i, p].norm())
+        rebuilt = float((out["rebuilt", i, p] - y).norm() / y.norm())
+        if p < 32:
+            assert err < 1e-6 and rebuilt > 1e-2, (i, p, err, rebuilt)  # 1e-6: keys rotated by the float32 table
+        else:
+            assert rebuilt < 1e-12, (i, p, rebuilt)
+    assert sum(name == "exact" and p >= 32 for name, _, p in out) == 5  # row 1 decoded positions 32..36 past it
+
+
 def check_selection(heads: tuple[int, int], brute, feed=feed_layer, config=SALSConfig, **kw):
     """Rows of three lengths decode side by side through a cache of config(**kw) (and feed: feed_layer, or a
     variant's); each step selects brute(cfg, q, pos, hist, U) of each row, and attends it, the sinks and the window,
@@ -570,12 +615,14 @@ def test_the_fused_path_refuses_a_subset_of_rows():
 def test_bytes_allocated_counts_every_buffer():
     args = small_args(n_head=4, n_kv_head=2, head_dim=64)  # D = 128
     B, S, Hkv, Dh, D = 3, 50, 2, 64, 128
-    for bits in (2, 4, 16):
-        cfg = SALSConfig(rank=40, value_bits=bits, sink=5, window=7).resolve(args, D)
+    # latent rows: the cache's 50, or with the default minimum budget (512 > 50: every position's key also at full
+    # rank, its halves in rows 50 on of the 20-wide score and rest parts) 50 + 50 * 64 / 20
+    for bits, min_tokens, rows in [(2, 0, 50), (4, 0, 50), (16, 0, 50), (4, 512, 210)]:
+        cfg = SALSConfig(rank=40, value_bits=bits, sink=5, window=7, min_tokens=min_tokens).resolve(args, D)
         cache = SALSCache(cfg, args, B, S, torch.zeros(D, 40, dtype=torch.bfloat16))
         v_bytes = Dh * bits // 8 + (0 if bits == 16 else 2 * 2 * Dh // 32)  # per token per KV head
         expect = (D * 40 * 2 + Dh // 2 * 8  # U, inverse frequencies
-                  + B * S * 40 * 2 + B * S * Hkv * v_bytes  # latents, values + scales + zeros
+                  + B * rows * 40 * 2 + B * S * Hkv * v_bytes  # latents, values + scales + zeros
                   + 2 * B * (5 + 7) * Hkv * Dh * 2 + B * 7 * 4  # sinks, window, window_pos
                   + S * 4)  # n_attend: the budget at each position
         assert cache.bytes_allocated() == expect
@@ -585,18 +632,19 @@ def test_bytes_allocated_counts_every_buffer():
 @pytest.mark.parametrize("fraction,per_token", [(0.125, 2560), (0.25, 4608)])
 def test_llama2_layer_bytes_match_the_paper(fraction, per_token):
     """Llama-2-7B layer (32 KV heads of 128): SALS-12.5% keeps 1 KiB latent + 1 KiB 2-bit V + 0.5 KiB
-    scales/zeros per token (SALS-25%: 2 + 2 + 0.5 KiB), against 16 KiB dense, plus a constant overhead."""
+    scales/zeros per token (SALS-25%: 2 + 2 + 0.5 KiB), against 16 KiB dense, plus a constant overhead; from 8K
+    tokens on (past latent_rows' 9 x 512) the full-rank keys of short rows cost nothing."""
     args = ModelArgs(vocab_size=32000, dim=4096, n_layer=32, n_head=32, n_kv_head=32, head_dim=128,
                      intermediate_size=11008)
     cfg = SALSConfig.preset(fraction).resolve(args, 2048)
     with torch.device("meta"):  # shapes only, nothing allocated
         size = {S: SALSCache(cfg, args, 1, S, torch.empty(4096, cfg.rank, dtype=torch.bfloat16)).bytes_allocated()
-                for S in (2048, 4096)}
-        dense = KVCache(1, 4096, 32, 128, torch.bfloat16).bytes_allocated()
+                for S in (8192, 16384)}
+        dense = KVCache(1, 8192, 32, 128, torch.bfloat16).bytes_allocated()
     table = 4  # n_attend's int32 per position, for all the rows of the batch
-    assert (size[4096] - size[2048]) / 2048 == per_token + table and dense / 4096 == 16384
+    assert (size[16384] - size[8192]) / 8192 == per_token + table and dense / 8192 == 16384
     overhead = 4096 * cfg.rank * 2 + 2 * (16 + 64) * 4096 * 2 + 64 * 4 + 64 * 8  # U, sinks + window, positions, freqs
-    assert size[4096] == 4096 * (per_token + table) + overhead
+    assert size[8192] == 8192 * (per_token + table) + overhead
     if fraction == 0.125:
         assert round(16384 / per_token, 1) == 6.4
 

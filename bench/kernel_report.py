@@ -61,7 +61,7 @@ def compile_sm90(cfg: dict, G: int, RS: int, RR: int):
     one_shot = max(RS, RR) <= cfg["block_r"]
     consts = dict(qk_scale=128 ** -0.5 * math.log2(math.e), HKV=32 // G, NQ=1, G=G, HD=128, N_SINK=16, W=64, RS=RS,
                   RR=RR, BITS=2, TPS=4 * cfg["block_n"], BLOCK_Q=max(16, triton.next_power_of_2(G)),
-                  BLOCK_N=cfg["block_n"], ONE_SHOT=one_shot, PREC="tf32",
+                  BLOCK_N=cfg["block_n"], ONE_SHOT=one_shot, N_EXACT=512, PREC="tf32",
                   BLOCK_R=max(16, triton.next_power_of_2(max(RS, RR))) if one_shot else
                   sals_decode.latent_block(RS, RR, cfg["block_r"]))
     return compile_kernel(sals_decode._sals_decode_kernel, POINTERS, consts, cfg["num_warps"], cfg["num_stages"])

@@ -67,8 +67,9 @@ def parse_args(argv=None):
                         "its own query heads (default)")
     s.add_argument("--sals_calib", type=Path, help="calibration file (default: <checkpoint>/sals_calib.pt)")
     s.add_argument("--sals_always", action="store_true", default=None,
-                   help="on a GPU, use SALS even where the dense cache fits and SALS was not measured faster than it "
-                        "(by default the engine then stays dense and says why; see sals_on_gpu)")
+                   help="use SALS even where a dense cache would allocate no more memory, or, on a GPU, where the "
+                        "dense cache fits and SALS was not measured faster than it (by default the engine then stays "
+                        "dense and says why; see sals_on_gpu)")
     args = p.parse_args(argv)
     problems = []
     if args.max_new_tokens < 1:
@@ -306,7 +307,7 @@ def report(stats: dict, model: Transformer, device) -> str:
 def sals_setup(args, model: Transformer, default_model: bool):
     """setup_caches(B, S) for --sals: SALS caches built from the checkpoint's calibration."""
     from calibrate import default_path, load_calibration
-    from sals_attention import setup_sals
+    from sals_attention import cache_bytes, setup_sals
     names = ("sparsity", "rank", "score_dims", "value_bits", "sink", "window", "dense_layers", "ranking", "selection")
     overrides = {n: getattr(args, "sals_" + n) for n in names if getattr(args, "sals_" + n) is not None}
     cfg = SALSConfig.preset(args.sals, paper=bool(args.sals_paper), **overrides)
@@ -329,6 +330,13 @@ def sals_setup(args, model: Transformer, default_model: bool):
     on_gpu = torch.device(args.device).type == "cuda"
 
     def setup(B: int, S: int):
+        dtype = model.output.weight.dtype
+        sals, dense = cache_bytes(model.args, B, S, resolved, dtype), cache_bytes(model.args, B, S, None, dtype)
+        if sals >= dense and not args.sals_always:
+            print(f"SALS: staying dense: at {S} tokens a SALS cache would allocate {sals / 2**20:.1f} MiB and a dense "
+                  f"one {dense / 2**20:.1f} MiB (below the minimum budget, {resolved.min_tokens} tokens, every token is "
+                  f"attended with its key at full rank); --sals_always to use SALS anyway", file=sys.stderr)
+            return model.setup_caches(B, S)
         if on_gpu and not args.sals_always:
             free = torch.cuda.mem_get_info(model.output.weight.device)[0]
             use, why = sals_on_gpu(model.args, resolved, B, S, free, model.output.weight.element_size())

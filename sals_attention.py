@@ -493,6 +493,21 @@ class SALSCache(nn.Module):
         return attend(q_rope, K.transpose(1, 2), V.transpose(1, 2), mask)
 
 
+def cache_bytes(args: ModelArgs, batch_size: int, max_seq_length: int, cfg: SALSConfig | None,
+                dtype=torch.bfloat16) -> int:
+    """Bytes every layer's cache allocates under setup_sals (dense everywhere when cfg is None), from meta tensors:
+    nothing is allocated."""
+    D = args.n_kv_head * args.head_dim
+    with torch.device("meta"):
+        dense = KVCache(batch_size, max_seq_length, args.n_kv_head, args.head_dim, dtype).bytes_allocated()
+        if cfg is None:
+            return args.n_layer * dense
+        cfg = cfg.resolve(args, D)
+        sals = SALSCache(cfg, args, batch_size, max_seq_length, torch.empty(D, cfg.rank, dtype=dtype)).bytes_allocated()
+    n_dense = len(cfg.dense_layers)
+    return n_dense * dense + (args.n_layer - n_dense) * sals
+
+
 def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, calib: dict,
                fused: bool | None = None, cache_class: type[SALSCache] = SALSCache) -> SALSConfig:
     """Allocates the model's caches: model.KVCache in cfg's dense layers, cache_class (SALSCache, or an evaluation

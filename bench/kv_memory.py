@@ -13,21 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decode_bench import SHAPES  # noqa: E402
-from model import KVCache, ModelArgs, Transformer  # noqa: E402
-from sals_attention import SALSConfig, SALSCache  # noqa: E402
-
-
-def cache_bytes(args: ModelArgs, batch: int, context: int, cfg: SALSConfig | None, dtype=torch.bfloat16) -> int:
-    """Bytes allocated by all layers' caches: dense everywhere when cfg is None."""
-    D = args.n_kv_head * args.head_dim
-    with torch.device("meta"):
-        dense = KVCache(batch, context, args.n_kv_head, args.head_dim, dtype).bytes_allocated()
-        if cfg is None:
-            return args.n_layer * dense
-        cfg = cfg.resolve(args, D)
-        sals = SALSCache(cfg, args, batch, context, torch.empty(D, cfg.rank, dtype=dtype)).bytes_allocated()
-    n_dense = len(cfg.dense_layers)
-    return n_dense * dense + (args.n_layer - n_dense) * sals
+from model import ModelArgs, Transformer  # noqa: E402
+from sals_attention import SALSConfig, cache_bytes  # noqa: E402
 
 
 def main(argv=None):

@@ -312,6 +312,20 @@ def test_cli_sals_answers_paris_over_long_context(smollm2_dir, quick_calib, long
     assert "SALS: rank" in r.stderr
 
 
+def test_cli_sals_stays_dense_where_it_would_not_save_memory(smollm2_dir, quick_calib):
+    """A short chat (prompt + new tokens under the minimum budget): SALS would attend every token with its key at full
+    rank, in more memory than a dense cache, so the engine stays dense and says why; --sals_always uses SALS anyway,
+    and its cache then really is larger than dense."""
+    flags = ("--checkpoint", str(smollm2_dir), "--chat", "--prompt", "What is the capital of France?", "--temperature",
+             "0", "--device", "cpu", "--max_new_tokens", "8", "--sals", "0.25", "--sals_calib", str(quick_calib))
+    ratio = lambda r: float(r.stderr.split("KV cache allocated: ")[1].split(", ")[1].split(" of a dense")[0])  # noqa
+    r, forced = run_cli(*flags), run_cli(*flags, "--sals_always")
+    assert r.returncode == forced.returncode == 0, r.stderr + forced.stderr
+    assert "SALS: staying dense: at " in r.stderr and "--sals_always" in r.stderr and ratio(r) == 1.0, r.stderr
+    assert "staying dense" not in forced.stderr and ratio(forced) > 1.0, forced.stderr
+    assert "Paris" in r.stdout and "Paris" in forced.stdout
+
+
 def test_cli_sals_without_calibration_says_how_to_make_one(smollm2_dir, tmp_path):
     ckpt = tmp_path / "smol"
     ckpt.mkdir()

@@ -204,7 +204,9 @@ def _put(buf: Tensor, b: Tensor, idx: Tensor, val: Tensor, ok: Tensor):
 class SALSCache(nn.Module):
     """One layer's SALS cache; same interface as model.KVCache. Buffers are token-major (B, S, ...):
     every token at position >= sink is compressed when it arrives (latent key + quantized value), and
-    also kept at full precision, post-RoPE, while in the window ring (slot (pos - sink) % window).
+    also kept at full precision, post-RoPE, while in the window ring (slot (pos - sink) % window); the first n_exact
+    (= min_tokens) positions also keep their pre-RoPE keys at full rank, read while the row is no longer than that
+    (exact_keys: in latent rows the row has not reached).
     rope: the model's (cos, sin) table (S, Dh/2, 2) float32 (model.rope_table), read by the fused kernel and held
     by reference, not as a buffer: setup_sals hands every layer the one table of the model; None builds one
     (standalone caches). It must be on the device the step runs on; both paths rotate the selected keys with it.

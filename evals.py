@@ -656,7 +656,7 @@ def tables(results: dict) -> str:
     out, methods = [], results["methods"]
     ref = "dense" if "dense" in methods else None
     for name, ppl in results.get("ppl", {}).items():
-        ctxs = list(ppl["contexts"])
+        ctxs = sorted(ppl["contexts"], key=int)  # merged parts: in order of context
         out += [f"Perplexity, {name} (last {ppl['tokens']} tokens of each window through decode steps; prefill "
                 f"{ppl['prefill']}); change vs dense [95% interval, paired bootstrap over windows]", "",
                 "| method | " + " | ".join(f"{c} ({ppl['windows'][c]} win.)" for c in ctxs) + " |",

@@ -730,8 +730,8 @@ def tables(results: dict) -> str:
 
 
 def merge_results(parts: list[dict]) -> dict:
-    """Saved results of the same methods from several runs (say, one process per evaluation or context) as one:
-    perplexity contexts side by side, pass-key and RULER records pooled, run times per part."""
+    """Saved results of the same methods from several runs (say, one process per evaluation, context or RULER task)
+    as one: perplexity contexts side by side, pass-key and RULER records pooled, run times per part."""
     out = dict(json.loads(json.dumps(parts[0])), seconds={})  # a copy: the parts stay as they are
     for i, r in enumerate(parts):
         if r["methods"] != out["methods"]:
@@ -751,6 +751,8 @@ def merge_results(parts: list[dict]) -> dict:
                 mine = out.get(key, dict(r[key], records=[], contexts=[]))
                 new = [c for c in r[key]["contexts"] if c not in mine["contexts"]]
                 out[key] = dict(mine, records=mine["records"] + r[key]["records"], contexts=mine["contexts"] + new)
+                if key == "ruler":  # runs split by task: every part's tasks
+                    out[key]["tasks"] = mine["tasks"] + [t for t in r[key]["tasks"] if t not in mine["tasks"]]
     if "passkey" in out:
         pk = out["passkey"]
         pk["accuracy"] = passkey_accuracy(pk["records"], out["methods"], pk["contexts"], pk["depths"], pk["trials"])

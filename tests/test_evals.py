@@ -464,12 +464,12 @@ def test_decode_cost_counts_what_kv_memory_counts():
 
 
 def test_merge_results_pools_parts():
-    def part(contexts, found, ruler):
+    def part(contexts, found, ruler, task="t"):
         recs = [{"context": c, "depth": 0.5, "found": {"dense": f, "x": not f}} for c, f in zip(contexts, found)]
-        rrecs = [{"task": "t", "context": c, "score": {"dense": s, "x": 0.0}} for c, s in zip(contexts, ruler)]
+        rrecs = [{"task": task, "context": c, "score": {"dense": s, "x": 0.0}} for c, s in zip(contexts, ruler)]
         return {"methods": ["dense", "x"], "seconds": {"passkey": 1.0}, "costs": {"context": max(contexts)},
                 "passkey": {"contexts": contexts, "depths": [0.5], "trials": 1, "records": recs},
-                "ruler": {"contexts": contexts, "tasks": ["t"], "samples": 1, "records": rrecs},
+                "ruler": {"contexts": contexts, "tasks": [task], "samples": 1, "records": rrecs},
                 "ppl": {"p": {"contexts": {str(c): {} for c in contexts}, "windows": {str(c): 2 for c in contexts}}}}
     merged = evals.merge_results([part([1024], [True], [1.0]), part([2048, 4096], [False, True], [0.5, 0.0])])
     assert merged["passkey"]["accuracy"]["dense"] == {"overall": 2 / 3, "cells": {"1024/0.5": 1.0, "2048/0.5": 0.0,
@@ -477,6 +477,9 @@ def test_merge_results_pools_parts():
     assert merged["ruler"]["score"]["dense"] == {"t/1024": 1.0, "t/2048": 0.5, "t/4096": 0.0}
     assert list(merged["ppl"]["p"]["contexts"]) == ["1024", "2048", "4096"] and merged["costs"]["context"] == 4096
     assert len(merged["seconds"]) == 2
+    by_task = evals.merge_results([part([1024], [True], [1.0]), part([1024], [True], [0.5], task="u")])  # split runs
+    assert by_task["ruler"]["tasks"] == ["t", "u"]
+    assert by_task["ruler"]["score"]["dense"] == {"t/1024": 1.0, "u/1024": 0.5}
     with pytest.raises(ValueError, match="same methods"):
         evals.merge_results([part([1024], [True], [1.0]), dict(part([1024], [True], [1.0]), methods=["dense"])])
 

@@ -7,8 +7,8 @@ distance bucket: `ranking`), keeps the top ones within the budget (one set per l
 `selection`), rebuilds only those keys, rotates them at their original positions and attends over
 sinks + window + selected. A row shorter than the minimum budget attends every token with its key at full rank, held
 in the latent rows it has not reached yet (latent_rows), so short prompts lose nothing to the key compression. This
-file is the PyTorch reference, which runs anywhere; on CUDA the same step
-runs in the Triton kernels of kernels/ (fused_decode). Static shapes, no host sync.
+file is the PyTorch reference, which runs anywhere; on CUDA the same step runs in the Triton kernels of kernels/
+(fused_decode). Static shapes, no host sync.
 
     cfg = setup_sals(model, batch_size, max_seq_length, SALSConfig.preset(0.125),
                      calibrate.load_calibration(path, model))

@@ -143,11 +143,14 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
 def prefill(model: Transformer, ids: Tensor, rows: Tensor | None = None) -> Tensor:
     """Runs prompts of equal length ids (b, T) through cache rows `rows` (None: all rows), in chunks.
     Returns the last logits (b, V)."""
-    for start in range(0, ids.shape[1], PREFILL_CHUNK):
+    T = ids.shape[1]
+    for start in range(0, T, PREFILL_CHUNK):
         chunk = ids[:, start:start + PREFILL_CHUNK]
         pos = torch.arange(start, start + chunk.shape[1], device=ids.device).expand_as(chunk)
-        logits = model(chunk, pos, rows)
-    return logits[:, -1]
+        if start + PREFILL_CHUNK < T:
+            model.hidden(chunk, pos, rows)  # only the caches are wanted from all but the last chunk
+        else:
+            return model(chunk, pos, rows, last_only=True)[:, -1]
 
 
 def decode_one_token(model: Transformer, tokens: Tensor, input_pos: Tensor, temperature: float,

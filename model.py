@@ -344,13 +344,16 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = cache.to(device)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
-    def forward(self, idx: Tensor, input_pos: Tensor, rows: Tensor | None = None, blocks=None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Tensor, rows: Tensor | None = None, blocks=None,
+                last_only: bool = False) -> Tensor:
         """idx: (b, T) token ids; input_pos: (b, T) each token's position in its own sequence;
         rows: (b,) which cache rows these sequences use (None: all B rows, in order). Prompts of
         different lengths are prefilled one row at a time, so no padding token ever enters a cache.
         blocks: the decoder blocks to run, default self.layers (generate.compiled_decode passes compiled ones).
-        Returns logits (b, T, vocab) in float32."""
-        return self.output(self.norm(self.hidden(idx, input_pos, rows, blocks))).float()
+        Returns logits (b, T, vocab) in float32, or (b, 1, vocab) of the last token with last_only (a prefill
+        needs no more: a 2K-token chunk's float32 logits of a 128K vocabulary would be 1 GiB)."""
+        h = self.hidden(idx, input_pos, rows, blocks)  # (b, T, dim)
+        return self.output(self.norm(h[:, -1:] if last_only else h)).float()
 
     def hidden(self, idx: Tensor, input_pos: Tensor, rows: Tensor | None = None, blocks=None) -> Tensor:
         """The last block's output (b, T, dim), before the final norm: what forward turns into logits (calibration

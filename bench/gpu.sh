@@ -10,6 +10,7 @@
 #   e2e       whole model, random weights, compiled decode step (generate.py --compile's path): dense kernel, dense
 #             masked, SALS-25%, SALS-12.5%, at the end-to-end targets' shapes
 #   largest   the largest batch at 32K for each method (each batch its own process), and its timing
+#   prefill   one long prompt through the Llama-3-8B shape, chunked: time against the compute roofline, memory
 #   profile   Nsight Compute over one eager SALS step per cell: stall reasons, registers, occupancy
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -40,6 +41,9 @@ largest)
     step 180 "largest_$m" python bench/decode_bench.py --graph --steps 16 --shape mistral-7b --prompt 32768 \
         --method "$m" --max_batch
   done ;;
+prefill)
+  step 150 prefill_dense python bench/prefill_bench.py --shape llama-3-8b --prompt 8192 32768 131072
+  step 150 prefill_sals python bench/prefill_bench.py --shape llama-3-8b --prompt 8192 32768 --method sals-25 ;;
 profile)
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
   timeout 300 "$NCU" --profile-from-start off --clock-control none --set full -f -o "$OUT/step" \
@@ -47,7 +51,7 @@ profile)
   "$NCU" -i "$OUT/step.ncu-rep" --page details > "$OUT/details.txt" 2>&1
   grep -E "^  [a-zA-Z_]|Duration|Registers Per|Achieved Occupancy|Memory Throughput|Warp Cycles Per Issued" \
       "$OUT/details.txt" | head -120 ;;
-*) echo "unknown mode $mode (check, dense, select, layer, sweep, e2e, largest, profile)"; exit 2 ;;
+*) echo "unknown mode $mode (check, dense, select, layer, sweep, e2e, largest, prefill, profile)"; exit 2 ;;
 esac; done
 echo; echo "== tables"
 for f in "$OUT"/*.log; do grep -q '^|' "$f" && { echo "-- $(basename "$f")"; grep '^|' "$f"; }; done

@@ -168,3 +168,41 @@ def test_kernel_report_compiles_every_sweep_variant_for_sm90(tmp_path):
     rows = [line for line in r.stdout.splitlines() if "registers" in line]
     assert len(rows) == sum(len(v) for v in SWEEP.values()) + len(OTHERS), r.stdout
     assert "warp_group_dot" in (tmp_path / "k.mlir").read_text()
+
+
+def test_prefill_flops_match_torchs_flop_counter(monkeypatch):
+    """bench/prefill_bench.py's compute roofline against torch's own count of the prefill's matmuls (FlopCounterMode,
+    which counts each SDPA call as the full chunk x prefix rectangle: the masked upper triangle of each chunk is
+    taken off to compare with the causal count). The counter neither traces SDPA's causal-bias tensor subclass nor
+    counts SDPA's CPU kernel, so attend_prefix runs as explicit matrix products, masked."""
+    import prefill_bench as pb
+    from torch.utils.flop_counter import FlopCounterMode
+    import model as model_module
+    from generate import PREFILL_CHUNK, prefill
+
+    def attend_prefix(q, k, v, start):
+        T, G = q.shape[2], q.shape[1] // k.shape[1]
+        k, v = (x[:, :, :start + T].repeat_interleave(G, 1) for x in (k, v))  # (b, H, L, D)
+        s = (q @ k.transpose(2, 3)) * q.shape[-1] ** -0.5
+        s = s.masked_fill(~torch.ones(T, start + T, dtype=torch.bool).tril(start), float("-inf"))
+        return s.softmax(-1) @ v
+    monkeypatch.setattr(model_module, "attend_prefix", attend_prefix)
+    model = db.random_model("tiny", torch.device("cpu"), torch.float32)
+    a, T = model.args, PREFILL_CHUNK + 300  # two chunks, the second reading the first's cache
+    model.setup_caches(1, T)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        prefill(model, torch.randint(0, a.vocab_size, (1, T)))
+    counted = counter.get_total_flops()
+    masked = sum(4 * a.n_layer * a.n_head * a.head_dim * t * (t - 1) // 2 for t in (PREFILL_CHUNK, 300))
+    assert pb.prefill_flops(model, T) == counted - masked
+
+
+def test_prefill_bench_table():
+    """A prompt of two chunks and one of a single chunk, dense and SALS: a row each, finite positive times."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "prefill_bench.py"), "--shape", "tiny", "--prompt", "300",
+                        "2500", "--method", "dense", "sals-25", "--device", "cpu", "--dtype", "float32"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    rows = table(r)
+    assert [row[:3] for row in rows] == [["tiny", m, t] for m in ("dense", "sals-25") for t in ("300", "2500")]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)  # seconds, tokens/s

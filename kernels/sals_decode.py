@@ -28,7 +28,7 @@ from torch import Tensor
 # block_r: the r tile of the rebuild (a latent of at most two tiles is rebuilt in one shot); split_blocks: token
 # blocks per selection split (None: enough splits for ~4 programs per SM).
 CONFIGS = {
-    "mha": dict(block_n=64, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
+    "mha": dict(block_n=64, block_r=64, split_blocks=1, num_warps=4, num_stages=3),
     "gqa": dict(block_n=32, block_r=64, split_blocks=None, num_warps=4, num_stages=3),
 }
 INTERPRETER_CONFIG = dict(block_n=16, block_r=16, split_blocks=None, num_warps=1, num_stages=1)

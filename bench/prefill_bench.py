@@ -36,6 +36,17 @@ def prefill_flops(model, T: int) -> float:
     return 2 * block * T + 2 * model.output.weight.numel() + 4 * a.n_layer * a.n_head * a.head_dim * T * (T + 1) / 2
 
 
+def attention_kernels(model, ids) -> list[str]:
+    """The GPU kernels whose names say attention (flash, fmha, cudnn, ...) in a two-chunk prefill: which SDPA backend
+    the chunks actually ran."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        prefill(model, ids[:, :2 * PREFILL_CHUNK])
+        torch.cuda.synchronize()
+    words = ("flash", "fmha", "attention", "cudnn", "sdpa", "efficient")
+    return sorted({e.key[:80] for e in prof.key_averages() if any(w in e.key.lower() for w in words)})
+
+
 @torch.no_grad()
 def time_prefill(model, setup, T: int) -> dict | None:
     """One prompt of T random tokens, prefilled after a two-chunk warm-up; None when it does not fit."""
@@ -45,6 +56,8 @@ def time_prefill(model, setup, T: int) -> dict | None:
         setup(1, T + 1)
         ids = torch.randint(0, model.args.vocab_size, (1, T), device=device)
         prefill(model, ids[:, :2 * PREFILL_CHUNK])  # warm-up: cuBLAS and attention kernels chosen, workspaces allocated
+        if cuda:
+            print(f"  prompt {T}: attention kernels {attention_kernels(model, ids)}", file=sys.stderr, flush=True)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -52,7 +52,7 @@ from eval_variants import RANKINGS, VariantConfig, setup_variant, variant_cache
 from generate import prefill
 from model import DTYPES, KVCache, ModelArgs, Transformer, apply_rope, default_dtype
 from kernels.ranking import select_top_reference
-from sals_attention import SELECTIONS, SALSCache, SALSConfig, budget, top_k_width
+from sals_attention import SELECTIONS, SALSCache, SALSConfig, budget, calibrated, top_k_width
 
 ROOT = Path(__file__).resolve().parent
 HELD_OUT = ROOT / "data" / "heldout.txt"  # the part of Pride and Prejudice that calibration never sees (data/README.md)
@@ -64,7 +64,8 @@ SHARED_FIELDS = ("sparsity", "sink", "window", "dense_layers", "min_tokens", "bu
 # issue 14's candidate configurations: name -> (base, SALSConfig overrides). "paper": the paper's method as
 # SALSConfig.preset(paper=True) sets it (one pre-RoPE ranking per layer, the proportional budget alone). "hybrid" is
 # an evaluation variant (eval_variants.py).
-PAPER = {f: getattr(SALSConfig.preset(0.25, paper=True), f) for f in ("min_tokens", "selection", "ranking")}
+PAPER = {f: getattr(SALSConfig.preset(0.25, paper=True), f) for f in ("min_tokens", "selection", "ranking",
+                                                                          "dense_layers")}
 CANDIDATES = {
     f"sals-{p}-{name}": (f"sals-{p}", o) for p in ("25", "12.5") for name, o in [
         ("paper", PAPER),
@@ -99,16 +100,19 @@ def method_named(name: str, defined: dict[str, Method] | None = None) -> Method:
                      f"with --define NAME BASE JSON.")
 
 
-def method_config(method: Method, context: int, overrides: dict | None = None) -> VariantConfig | None:
+def method_config(method: Method, context: int, overrides: dict | None = None,
+                  calib: dict | None = None) -> VariantConfig | None:
     """The config of a method at a cache length of `context` tokens (None: dense). overrides (the command line's)
-    then the method's own: the SALS presets take every VariantConfig field, oracle and streaming only SHARED_FIELDS
-    (streaming's window is the budget at the last position minus the sinks)."""
+    then the method's own: the SALS presets take every VariantConfig field, their dense layers by default from
+    calib's overlap report as setup_sals chooses them (sals_attention.calibrated); oracle and streaming take only
+    SHARED_FIELDS, dense layers 0, 1 and the last unless given (streaming's window is the budget at the last position
+    minus the sinks)."""
     o = {**(overrides or {}), **method.overrides}
     shared = {k: o[k] for k in SHARED_FIELDS if k in o}
     if method.base == "dense":
         return None
     if method.base in PRESETS:
-        return VariantConfig.preset(PRESETS[method.base], **o)
+        return calibrated(VariantConfig.preset(PRESETS[method.base], **o), calib)
     if method.base in ("oracle", "oracle-head"):  # oracle-head: HeadTopKCache reads only the shared fields
         return VariantConfig(rank_fraction=1.0, value_bits=16, selector="oracle", **shared)
     if method.base == "streaming":
@@ -216,7 +220,7 @@ def setup_methods(model: Transformer, methods: list[Method], context: int, calib
     """Gives every layer a MethodCaches (`batch` rows per method, `context` tokens). Returns the resolved configs."""
     per_method, resolved = [], {}
     for m in methods:
-        cfg = method_config(m, context, overrides)
+        cfg = method_config(m, context, overrides, calib)
         if cfg is None:
             model.setup_caches(batch, context)
         elif m.base == "oracle-head":
@@ -729,14 +733,33 @@ def tables(results: dict) -> str:
     return "\n".join(out)
 
 
+def _rename_keys(x, names: dict):
+    """x (parsed JSON) with every dict key in names renamed (method-keyed dicts; values are left alone)."""
+    if isinstance(x, dict):
+        return {names.get(k, k): _rename_keys(v, names) for k, v in x.items()}
+    return [_rename_keys(v, names) for v in x] if isinstance(x, list) else x
+
+
 def merge_results(parts: list[dict]) -> dict:
     """Saved results of the same methods from several runs (say, one process per evaluation, context or RULER task)
-    as one: perplexity contexts side by side, pass-key and RULER records pooled, run times per part."""
+    as one: perplexity contexts side by side, pass-key and RULER records pooled, run times per part. Methods are
+    matched in order; a name may differ between parts where the resolved configs are the same (a candidate that
+    became the default under a new name): the merged result takes the last part's names."""
+    last = parts[-1]
+    renamed = []
+    for i, r in enumerate(parts):
+        same = len(r["methods"]) == len(last["methods"]) and all(
+            a == b or r["configs_at_max_context"][a] == last["configs_at_max_context"][b]
+            for a, b in zip(r["methods"], last["methods"]))
+        if not same:
+            raise ValueError(f"part {i + 1} has methods {r['methods']}, the last {last['methods']}: merge runs of "
+                             f"the same methods (in the same order, or under other names with the same configs).")
+        names = {a: b for a, b in zip(r["methods"], last["methods"]) if a != b}
+        renamed.append(dict(_rename_keys({k: v for k, v in r.items() if k != "methods"}, names),
+                            methods=list(last["methods"])))
+    parts = renamed
     out = dict(json.loads(json.dumps(parts[0])), seconds={})  # a copy: the parts stay as they are
     for i, r in enumerate(parts):
-        if r["methods"] != out["methods"]:
-            raise ValueError(f"part {i + 1} has methods {r['methods']}, the first {out['methods']}: merge runs of "
-                             f"the same methods.")
         out["seconds"].update({f"{k} (part {i + 1})": v for k, v in r["seconds"].items()})
         if r["costs"]["context"] > out["costs"]["context"]:
             out["costs"] = r["costs"]
@@ -928,10 +951,10 @@ def run(a) -> dict:
     r_max = calib["eigvecs"][0].shape[1] if calib else 0
     configs = {}
     for m in a.methods:  # validate every method's config before any long run
-        cfg = method_config(m, max(contexts), overrides)
+        cfg = method_config(m, max(contexts), overrides, calib)
         configs[m.name] = None if cfg is None else asdict(cfg.resolve(model.args, r_max))
     names = [m.name for m in a.methods]
-    costs = {m.name: decode_cost(model.args, method_config(m, max(contexts), overrides), max(contexts), r_max)
+    costs = {m.name: decode_cost(model.args, method_config(m, max(contexts), overrides, calib), max(contexts), r_max)
              for m in a.methods if m.base not in ("oracle", "oracle-head", "streaming")}
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": sys.argv,
                "machine": machine(), "device": a.device, "dtype": str(a.dtype).removeprefix("torch."),

@@ -48,10 +48,12 @@ def parse_args(argv=None):
     s = p.add_argument_group("SALS compressed KV cache (see docs/sals.md)")
     s.add_argument("--sals", type=float, choices=[0.25, 0.125], default=None,
                    help="preset: latent rank D/4 with 4-bit values, or D/8 with 2-bit values; sparsity 1/8 with at "
-                        "least 512 tokens attended, 16 sinks, 64-token window, layers 0, 1 and last dense; one "
+                        "least 512 tokens attended, 16 sinks, 64-token window, three layers dense (the calibration's "
+                        "lowest overlaps); one "
                         "selection per KV head, ranked with RoPE's mean rotation per distance bucket (EVAL.md)")
     s.add_argument("--sals_paper", action="store_true", default=None,
-                   help="the paper's selection instead: one pre-RoPE ranking per layer, no minimum budget")
+                   help="the paper's selection instead: one pre-RoPE ranking per layer, no minimum budget, "
+                        "layers 0, 1 and last dense")
     s.add_argument("--sals_sparsity", type=float, help="attended share of the context, sinks and window included")
     s.add_argument("--sals_rank", type=int, help="latent rank r (overrides the preset's fraction)")
     s.add_argument("--sals_score_dims", type=int, help="latent coordinates used to rank tokens (default r/2)")

@@ -38,6 +38,10 @@ SELECTIONS = ("layer", "kv-head")
 # The proportional budget alone attends only the sinks and the window below (sink + window) / sparsity tokens (640 at
 # the defaults): a streaming cache on short prompts, which then miss what dense attention finds (EVAL.md).
 MIN_TOKENS = 512
+# Layers kept dense: the paper keeps 0, 1 and the last; the project's presets keep as many, but the ones where the
+# calibration's held-out overlap (the share of the true attention mass the ranking's top tokens hold) is lowest,
+# since there selection loses most (on SmolLM2: 0, 1 and 20, perplexity and pass key better than 0, 1, 29; EVAL.md).
+N_DENSE = 3
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,9 @@ class SALSConfig:
     budget_tokens: int | None = None  # N_c: a fixed number of attended tokens instead of sparsity * context
     sink: int = 16
     window: int = 64
-    dense_layers: tuple[int, ...] | None = None  # layers keeping a dense KVCache; None: (0, 1, L-1)
+    # layers keeping a dense KVCache (negative ids count from the last, as in Python); None: the calibration's
+    # N_DENSE lowest overlaps (calibrated), or (0, 1, -1) without an overlap report
+    dense_layers: tuple[int, ...] | None = None
     ranking: str = "pre-rope"  # how the latent query ranks tokens, one of RANKINGS; "pre-rope" is the paper's
     selection: str = "layer"  # one of SELECTIONS; "layer" is the paper's
 
@@ -60,12 +66,13 @@ class SALSConfig:
         """SALS-25% (latent rank D/4, 4-bit values) and SALS-12.5% (D/8, 2-bit values) at sparsity 1/8. The
         project's default selects per KV head and ranks by RoPE's mean rotation per distance bucket, the most
         accurate configuration at the same memory (EVAL.md); paper=True is the paper's method: one pre-RoPE ranking
-        per layer and the proportional budget alone (no minimum)."""
+        per layer, the proportional budget alone (no minimum) and layers 0, 1 and the last dense."""
         bits = {0.25: 4, 0.125: 2}.get(fraction)
         if bits is None:
             raise ValueError(f"no SALS preset {fraction!r}: the presets are 0.25 and 0.125; build "
                              f"SALSConfig(rank_fraction=..., value_bits=...) for other settings.")
-        choice = dict(min_tokens=0) if paper else dict(ranking="bucket-rope", selection="kv-head")
+        choice = dict(min_tokens=0, dense_layers=(0, 1, -1)) if paper else dict(ranking="bucket-rope",
+                                                                                 selection="kv-head")
         return replace(cls(rank_fraction=fraction, value_bits=bits), **{**choice, **overrides})
 
     def resolve(self, args: ModelArgs, r_max: int) -> "SALSConfig":
@@ -94,8 +101,9 @@ class SALSConfig:
               f"always attended; raise it or use the proportional budget (budget_tokens=None).")
         check(self.sink >= 0 and self.window >= 1, f"need sink >= 0 and window >= 1 (got sink {self.sink}, "
                                                    f"window {self.window}).")
-        dense = self.dense_layers if self.dense_layers is not None else {0, 1, L - 1} & set(range(L))
-        check(all(0 <= i < L for i in dense), f"dense_layers {sorted(dense)} must be layer ids in 0..{L - 1}.")
+        dense = self.dense_layers if self.dense_layers is not None else (0, 1, -1)[:L]
+        check(all(-L <= i < L for i in dense), f"dense_layers {sorted(dense)} must be layer ids in {-L}..{L - 1}.")
+        dense = {i % L for i in dense}
         check(self.ranking in RANKINGS, f"ranking {self.ranking!r} is not one of {', '.join(RANKINGS)} (the "
                                         f"evaluation variants run in evals.py).")
         check(self.selection in SELECTIONS, f"selection {self.selection!r} is not one of {', '.join(SELECTIONS)}.")
@@ -510,6 +518,17 @@ def cache_bytes(args: ModelArgs, batch_size: int, max_seq_length: int, cfg: SALS
     return n_dense * dense + (args.n_layer - n_dense) * sals
 
 
+def calibrated(cfg: SALSConfig, calib: dict | None) -> SALSConfig:
+    """cfg with dense_layers None made the calibration's N_DENSE layers of lowest overlap under cfg's ranking
+    (calibrate.py's report: the pre-RoPE one for "pre-rope", the bucket-rope one for rankings with RoPE); unchanged
+    where the calibration has no such report (resolve's (0, 1, -1) then)."""
+    key = "overlap" if cfg.ranking == "pre-rope" else "overlap_bucket_rope"
+    overlap = ((calib or {}).get("report") or {}).get(key)
+    if cfg.dense_layers is not None or not overlap or any(math.isnan(o) for o in overlap):
+        return cfg
+    return replace(cfg, dense_layers=tuple(sorted(sorted(range(len(overlap)), key=overlap.__getitem__)[:N_DENSE])))
+
+
 def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, calib: dict,
                fused: bool | None = None, cache_class: type[SALSCache] = SALSCache) -> SALSConfig:
     """Allocates the model's caches: model.KVCache in cfg's dense layers, cache_class (SALSCache, or an evaluation
@@ -521,7 +540,7 @@ def setup_sals(model, batch_size: int, max_seq_length: int, cfg: SALSConfig, cal
     if len(vecs) != a.n_layer or any(vec.ndim != 2 or vec.shape[0] != D for vec in vecs):
         raise ValueError(f"the calibration holds {len(vecs)} bases, the model needs {a.n_layer} of {D} rows; "
                          f"recalibrate with `python calibrate.py --checkpoint DIR`.")
-    cfg = cfg.resolve(a, vecs[0].shape[1])
+    cfg = calibrated(cfg, calib).resolve(a, vecs[0].shape[1])
 
     def make_cache(i, args, B, S, dtype):
         if i in cfg.dense_layers:

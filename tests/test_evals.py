@@ -92,7 +92,10 @@ def test_batched_windows_equal_one_at_a_time(real):
 
 def test_attention_error_zero_when_exact_positive_for_sals_125(real):
     model, _, calib, tokens = real
-    dense_layers = (0, 1, model.args.n_layer - 1)
+    # the presets' dense layers: the calibration's lowest overlaps (sals_attention.calibrated)
+    dense_layers = evals.method_config(evals.method_named("sals-25"), 1024, calib=calib).dense_layers
+    assert len(dense_layers) == 3 and dense_layers == evals.method_config(
+        evals.method_named("sals-12.5"), 1024, calib=calib).dense_layers
     exact = evals.attention_error(model, calib, tokens, M("sals-25"), 1024, 6, EXACT)["sals-25"]["max"]
     assert all(exact[i] == 0 for i in dense_layers)  # model.KVCache on both sides
     # elsewhere only float32 round-off: the cache rebuilds keys through U U^T = I (U stored in float32)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from model import KVCache, ModelArgs, Transformer, apply_rope, load_model, rope_frequencies, rope_table
-from sals_attention import (SALSCache, SALSConfig, budget, dequantize_values, quantize_values, setup_sals,
-                            top_k_width)
+from sals_attention import (SALSCache, SALSConfig, budget, calibrated, dequantize_values, quantize_values,
+                            setup_sals, top_k_width)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -665,6 +665,30 @@ def test_setup_sals_layer_types_and_bases():
     assert model.kv_cache_bytes() == sum(layer.attention.kv_cache.bytes_allocated() for layer in model.layers)
 
 
+def test_dense_layers_are_the_calibrations_lowest_overlaps():
+    """The presets keep dense the three layers of lowest held-out overlap under their own ranking (calibrate.py's
+    report), found here by brute force over every 3-subset (the one of smallest summed overlap); the paper's preset
+    keeps 0, 1 and the last; without a report (or with an unmeasured one), 0, 1 and the last; given layers stay."""
+    import itertools
+    args = small_args(n_layer=7, head_dim=32)
+    gen = torch.Generator().manual_seed(5)
+    bucket, pre = torch.rand(7, generator=gen).tolist(), torch.rand(7, generator=gen).tolist()
+    report = {"overlap_bucket_rope": bucket, "overlap": pre}
+    lowest = lambda o: min(itertools.combinations(range(7), 3), key=lambda c: sum(o[i] for i in c))  # noqa: E731
+    model = Transformer(args).to(torch.bfloat16)
+    calib = {"eigvecs": [orthonormal(64, gen).float() for _ in range(7)], "report": report}
+    cfg = setup_sals(model, 1, 40, SALSConfig.preset(0.25), calib)
+    assert cfg.dense_layers == lowest(bucket) != (0, 1, 6)
+    assert [isinstance(layer.attention.kv_cache, KVCache) for layer in model.layers] == [i in lowest(bucket)
+                                                                                          for i in range(7)]
+    assert calibrated(SALSConfig.preset(0.25, ranking="pre-rope"), calib).dense_layers == lowest(pre)
+    assert setup_sals(model, 1, 40, SALSConfig.preset(0.25, paper=True), calib).dense_layers == (0, 1, 6)
+    assert setup_sals(model, 1, 40, SALSConfig.preset(0.25), {"eigvecs": calib["eigvecs"]}).dense_layers == (0, 1, 6)
+    unmeasured = dict(calib, report={"overlap_bucket_rope": [float("nan")] * 7})
+    assert setup_sals(model, 1, 40, SALSConfig.preset(0.25), unmeasured).dense_layers == (0, 1, 6)
+    assert setup_sals(model, 1, 40, SALSConfig.preset(0.25, dense_layers=(2, -1)), calib).dense_layers == (2, 6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad configurations.
 
@@ -676,7 +700,7 @@ def test_setup_sals_layer_types_and_bases():
     (dict(value_bits=4), "multiple of 32"),  # head_dim 8
     (dict(sparsity=0), "sparsity"), (dict(sparsity=1.01), "sparsity"),
     (dict(sink=-1), "sink >= 0"), (dict(window=0), "window >= 1"),
-    (dict(dense_layers=(0, 4)), "dense_layers"), (dict(dense_layers=(-1,)), "dense_layers"),
+    (dict(dense_layers=(0, 4)), "dense_layers"), (dict(dense_layers=(-5,)), "dense_layers"),
     (dict(ranking="post-rope"), "ranking 'post-rope'"),
     (dict(ranking="hybrid"), r"ranking 'hybrid' is not one of pre-rope, bucket-rope \(the evaluation variants run in "
                              r"evals.py\)"),

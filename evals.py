@@ -62,8 +62,8 @@ PRESETS = {"sals-25": 0.25, "sals-12.5": 0.125}
 # the overrides every non-dense method takes (the SALS ones take all SALSConfig fields)
 SHARED_FIELDS = ("sparsity", "sink", "window", "dense_layers", "min_tokens", "budget_tokens")
 # issue 14's candidate configurations: name -> (base, SALSConfig overrides). "paper": the paper's method as
-# SALSConfig.preset(paper=True) sets it (one pre-RoPE ranking per layer, the proportional budget alone). "hybrid" is
-# an evaluation variant (eval_variants.py).
+# SALSConfig.preset(paper=True) sets it (one pre-RoPE ranking per layer, the proportional budget alone, layers 0, 1
+# and the last dense). "hybrid" is an evaluation variant (eval_variants.py).
 PAPER = {f: getattr(SALSConfig.preset(0.25, paper=True), f) for f in ("min_tokens", "selection", "ranking",
                                                                           "dense_layers")}
 CANDIDATES = {

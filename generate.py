@@ -49,8 +49,8 @@ def parse_args(argv=None):
     s.add_argument("--sals", type=float, choices=[0.25, 0.125], default=None,
                    help="preset: latent rank D/4 with 4-bit values, or D/8 with 2-bit values; sparsity 1/8 with at "
                         "least 512 tokens attended, 16 sinks, 64-token window, three layers dense (the calibration's "
-                        "lowest overlaps); one "
-                        "selection per KV head, ranked with RoPE's mean rotation per distance bucket (EVAL.md)")
+                        "lowest overlaps); one selection per KV head, ranked with RoPE's mean rotation per distance "
+                        "bucket (EVAL.md)")
     s.add_argument("--sals_paper", action="store_true", default=None,
                    help="the paper's selection instead: one pre-RoPE ranking per layer, no minimum budget, "
                         "layers 0, 1 and last dense")

@@ -40,8 +40,10 @@ SELECTIONS = ("layer", "kv-head")
 MIN_TOKENS = 512
 # Layers kept dense: the paper keeps 0, 1 and the last; the project's presets keep as many, but the ones where the
 # calibration's held-out overlap (the share of the true attention mass the ranking's top tokens hold) is lowest,
-# since there selection loses most (on SmolLM2: 0, 1 and 20, perplexity and pass key better than 0, 1, 29; EVAL.md).
+# since there selection loses most (on SmolLM2: 0, 1 and 20; perplexity resolved better than with 0, 1, 29, retrieval
+# the same within noise; EVAL.md).
 N_DENSE = 3
+PAPER_DENSE = (0, 1, -1)  # the paper's dense layers, and the rule without a calibration report
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class SALSConfig:
     sink: int = 16
     window: int = 64
     # layers keeping a dense KVCache (negative ids count from the last, as in Python); None: the calibration's
-    # N_DENSE lowest overlaps (calibrated), or (0, 1, -1) without an overlap report
+    # N_DENSE lowest overlaps (calibrated), or PAPER_DENSE without an overlap report
     dense_layers: tuple[int, ...] | None = None
     ranking: str = "pre-rope"  # how the latent query ranks tokens, one of RANKINGS; "pre-rope" is the paper's
     selection: str = "layer"  # one of SELECTIONS; "layer" is the paper's
@@ -71,8 +73,8 @@ class SALSConfig:
         if bits is None:
             raise ValueError(f"no SALS preset {fraction!r}: the presets are 0.25 and 0.125; build "
                              f"SALSConfig(rank_fraction=..., value_bits=...) for other settings.")
-        choice = dict(min_tokens=0, dense_layers=(0, 1, -1)) if paper else dict(ranking="bucket-rope",
-                                                                                 selection="kv-head")
+        choice = dict(min_tokens=0, dense_layers=PAPER_DENSE) if paper else dict(ranking="bucket-rope",
+                                                                                  selection="kv-head")
         return replace(cls(rank_fraction=fraction, value_bits=bits), **{**choice, **overrides})
 
     def resolve(self, args: ModelArgs, r_max: int) -> "SALSConfig":
@@ -101,7 +103,7 @@ class SALSConfig:
               f"always attended; raise it or use the proportional budget (budget_tokens=None).")
         check(self.sink >= 0 and self.window >= 1, f"need sink >= 0 and window >= 1 (got sink {self.sink}, "
                                                    f"window {self.window}).")
-        dense = self.dense_layers if self.dense_layers is not None else (0, 1, -1)[:L]
+        dense = self.dense_layers if self.dense_layers is not None else PAPER_DENSE[:L]
         check(all(-L <= i < L for i in dense), f"dense_layers {sorted(dense)} must be layer ids in {-L}..{L - 1}.")
         dense = {i % L for i in dense}
         check(self.ranking in RANKINGS, f"ranking {self.ranking!r} is not one of {', '.join(RANKINGS)} (the "
@@ -521,7 +523,7 @@ def cache_bytes(args: ModelArgs, batch_size: int, max_seq_length: int, cfg: SALS
 def calibrated(cfg: SALSConfig, calib: dict | None) -> SALSConfig:
     """cfg with dense_layers None made the calibration's N_DENSE layers of lowest overlap under cfg's ranking
     (calibrate.py's report: the pre-RoPE one for "pre-rope", the bucket-rope one for rankings with RoPE); unchanged
-    where the calibration has no such report (resolve's (0, 1, -1) then)."""
+    where the calibration has no such report (resolve's PAPER_DENSE then)."""
     key = "overlap" if cfg.ranking == "pre-rope" else "overlap_bucket_rope"
     overlap = ((calib or {}).get("report") or {}).get(key)
     if cfg.dense_layers is not None or not overlap or any(math.isnan(o) for o in overlap):

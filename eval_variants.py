@@ -9,8 +9,12 @@ names them with the fields evals.py's command line and saved results use (rankin
                            each wins one of the two
   selector "oracle"        the top tokens by their true post-RoPE logits summed over the layer's heads, from
                            full-precision keys kept for it
+  key_bits 2 or 4          the latent keys quantized as the values are (per token, groups of 32 latent channels,
+                           16-bit scale and zero): a higher rank at the bytes of a 16-bit latent (rank D at 4 bits
+                           costs what rank D/4 at 16 costs, plus the scales)
 """
 import math
+from functools import partial
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -18,7 +22,8 @@ from torch import Tensor
 
 from kernels.ranking import select_top_reference
 from model import ModelArgs, apply_rope
-from sals_attention import RANKINGS as PRODUCT_RANKINGS, SALSCache, SALSConfig, setup_sals
+from sals_attention import (GROUP, RANKINGS as PRODUCT_RANKINGS, SALSCache, SALSConfig, dequantize_values,
+                            quantize_values, scale_dtype, setup_sals)
 
 VARIANT_RANKINGS = ("expected-rope", "hybrid")
 RANKINGS = PRODUCT_RANKINGS + VARIANT_RANKINGS
@@ -30,6 +35,7 @@ class VariantConfig(SALSConfig):
     """SALSConfig with the variants' rankings and the selector; variant_cache maps it to a cache class and the product
     config that class runs."""
     selector: str = "latent"  # "oracle": exact top-k by the true post-RoPE logits
+    key_bits: int = 16  # 2 or 4: latent keys quantized (QuantKeyCache)
 
     def resolve(self, args: ModelArgs, r_max: int) -> "VariantConfig":
         """SALSConfig.resolve, with the ranking and the selector checked here."""
@@ -37,17 +43,27 @@ class VariantConfig(SALSConfig):
                 (self.ranking in RANKINGS, f"ranking {self.ranking!r} is not one of {', '.join(RANKINGS)}."),
                 (self.selector in SELECTORS, f"selector {self.selector!r} is not one of {', '.join(SELECTORS)}."),
                 (self.selection == "layer" or self.selector == "latent",
-                 "the oracle selects per layer; per-KV-head oracle selection is evals.py's method oracle-head.")]:
+                 "the oracle selects per layer; per-KV-head oracle selection is evals.py's method oracle-head."),
+                (self.key_bits in (2, 4, 16), f"key_bits {self.key_bits} is not one of 2, 4, 16."),
+                (self.key_bits == 16 or (self.ranking in PRODUCT_RANKINGS and self.selector == "latent"),
+                 "quantized keys run with the product's rankings and the latent selector only.")]:
             if not ok:
                 raise ValueError(f"invalid SALS config: {msg}")
         # every other field as the product checks it, under a ranking it runs
-        return replace(SALSConfig.resolve(replace(self, ranking="pre-rope"), args, r_max), ranking=self.ranking)
+        cfg = replace(SALSConfig.resolve(replace(self, ranking="pre-rope"), args, r_max), ranking=self.ranking)
+        if cfg.key_bits != 16 and (cfg.score_dims % GROUP or cfg.rank % GROUP):
+            raise ValueError(f"invalid SALS config: {cfg.key_bits}-bit keys are quantized in groups of {GROUP} latent "
+                             f"channels, so rank ({cfg.rank}) and score_dims ({cfg.score_dims}) must be multiples of "
+                             f"{GROUP}.")
+        return cfg
 
 
 def variant_cache(cfg: VariantConfig) -> tuple[type[SALSCache], SALSConfig]:
     """The cache class that runs cfg, and the product config it takes (the variant rankings build on bucket-rope;
     the oracle ranks by the true logits whatever the ranking)."""
     product = {f.name: getattr(cfg, f.name) for f in fields(SALSConfig)}
+    if cfg.key_bits != 16:
+        return partial(QuantKeyCache, key_bits=cfg.key_bits), SALSConfig(**product)
     if cfg.selector == "oracle":
         return OracleCache, SALSConfig(**{**product, "ranking": "pre-rope"})
     if cfg.ranking in VARIANT_RANKINGS:
@@ -133,3 +149,53 @@ class OracleCache(SALSCache):
 
     def check_fused(self, rows: Tensor | None):
         raise ValueError(no_kernel("oracle selector"))
+
+
+class QuantKeyCache(SALSCache):
+    """key_bits 2 or 4: each token's latent key (score prefix and rest, each in groups of GROUP channels) quantized
+    with quantize_values and kept dequantized, so every step reads exactly what a packed store would give back; the
+    byte counts are those of the packed store (codes + 16-bit scale and zero per group). The exact full-rank keys of
+    short rows (exact_keys) stay 16-bit, as in the product."""
+
+    def __init__(self, *args, key_bits: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.key_bits = key_bits
+
+    def write(self, b: Tensor, k: Tensor, k_rope: Tensor, v: Tensor, input_pos: Tensor):
+        super().write(b, k, k_rope, v, input_pos)
+        bt = b[:, None].expand_as(input_pos)
+        lat = k.transpose(1, 2).flatten(2) @ self.U  # (b, T, r), as SALSCache.write
+        lat = dequantize_values(*quantize_values(lat, self.key_bits), self.key_bits, lat.dtype)
+        self.k_lat_score[bt, input_pos], self.k_lat_rest[bt, input_pos] = lat[..., :self.rs], lat[..., self.rs:]
+
+    def token_bytes(self, n: int, bits: int) -> int:
+        """Bytes of n latent channels of one token: 16-bit, or codes with a 16-bit scale and zero per group."""
+        if bits == 16:
+            return n * self.U.element_size()
+        return n * bits // 8 + 2 * (n // GROUP) * torch.finfo(scale_dtype(self.U.dtype)).bits // 8
+
+    def latent_saving(self, n_tokens: int) -> int:
+        """Bytes a 16-bit latent of n_tokens tokens holds beyond the packed one."""
+        widths = (self.rs, self.k_lat_rest.shape[-1])
+        return n_tokens * sum(self.token_bytes(n, 16) - self.token_bytes(n, self.key_bits) for n in widths)
+
+    def bytes_allocated(self) -> int:
+        """A packed store's bytes: the latents of max_seq_length tokens packed, and the short rows' exact keys in a
+        16-bit buffer of their own (packed latent rows are too narrow to hold them, as exact_keys does)."""
+        B, S_lat, rs = self.k_lat_score.shape
+        S = self.v_q.shape[1]
+        lat16 = B * S_lat * self.token_bytes(rs + self.k_lat_rest.shape[-1], 16)
+        exact = B * self.n_exact * self.token_bytes(self.n_kv_head * self.head_dim, 16)
+        return super().bytes_allocated() - lat16 + B * S * self.token_bytes(rs + self.k_lat_rest.shape[-1], 16) \
+            - self.latent_saving(B * S) + exact
+
+    def bytes_read_per_step(self) -> int:
+        """SALSCache's count with the latents packed: the score prefix of every slot, the selected tokens' latents."""
+        B, S = self.v_q.shape[:2]
+        prefix = B * S * (self.token_bytes(self.rs, 16) - self.token_bytes(self.rs, self.key_bits))
+        n_lat = self.n_kv_head if self.per_head else 1
+        selected = 0 if self.n_exact == S else self.latent_saving(B * self.k_max * n_lat)
+        return super().bytes_read_per_step() - prefix - selected
+
+    def check_fused(self, rows: Tensor | None):
+        raise ValueError(no_kernel("quantized-key cache"))

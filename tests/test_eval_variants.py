@@ -119,3 +119,49 @@ def test_the_product_cache_refuses_a_variant(kw):
     if "ranking" in kw:
         with pytest.raises(ValueError, match="evaluation variants run in evals.py"):
             setup_sals(Transformer(args), 1, 8, SALSConfig.preset(0.25, **kw), calib)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantized_keys_are_the_latents_within_half_a_step_and_counted_packed(bits):
+    """key_bits: the stored latents are the 16-bit cache's, each within half its group's quantization step (the
+    step from the group's own range, computed here), and the caches' byte counts differ by exactly the packed
+    store's arithmetic: per token r * bits / 8 bytes of codes and a 16-bit scale and zero per 32 channels, instead of
+    2 r bytes."""
+    args = small_args(n_head=4, n_kv_head=2, head_dim=64)  # D = 128
+    B, S, D, r = 2, 40, 128, 96
+    cfg = VariantConfig(rank=r, score_dims=32, value_bits=4, sink=4, window=8, min_tokens=0, key_bits=bits
+                        ).resolve(args, D)
+    U = orthonormal(D, torch.Generator().manual_seed(3))[:, :r].to(torch.bfloat16)
+    cache_class, product = variant_cache(cfg)
+    quant, plain = cache_class(product, args, B, S, U), SALSCache(product, args, B, S, U)
+    gen = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(B, 2, S, 64, generator=gen).to(torch.bfloat16) for _ in range(2))
+    pos = torch.arange(S).expand(B, S)
+    for c in (quant, plain):
+        c.write(torch.arange(B), k, k, v, pos)
+    lat = torch.cat([plain.k_lat_score, plain.k_lat_rest], -1).float()  # (B, S, r)
+    got = torch.cat([quant.k_lat_score, quant.k_lat_rest], -1).float()
+    g = lat.unflatten(-1, (-1, 32))
+    big = g.abs().amax(-1, keepdim=True)  # (B, S, r / 32, 1)
+    # the group's range over its levels, widened by the 16-bit rounding of zero (down) and scale (up) ...
+    half_step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True) + big / 2 ** 8) / (2 ** bits - 1) / 2 * (1 + 2 ** -7)
+    err = (got - lat).abs().unflatten(-1, (-1, 32))
+    assert (err <= half_step + big / 2 ** 8).all()  # ... plus the 16-bit rounding of the dequantized latent
+    assert err.max() > 0  # quantized, not copied
+    assert torch.equal(quant.v_q, plain.v_q) and torch.equal(quant.win_k, plain.win_k)
+    per_token = 2 * r - (r * bits // 8 + (r // 32) * 2 * 2)
+    assert plain.bytes_allocated() - quant.bytes_allocated() == B * S * per_token
+    prefix = 2 * 32 - (32 * bits // 8 + 2 * 2)  # the score prefix of every slot
+    selected = B * quant.k_max * per_token  # layer selection: one latent per selected token
+    assert plain.bytes_read_per_step() - quant.bytes_read_per_step() == B * S * prefix + selected
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(key_bits=3), "key_bits 3 is not one of 2, 4, 16"),
+    (dict(key_bits=4, rank=48, score_dims=24), "multiples of 32"),
+    (dict(key_bits=4, ranking="hybrid", rank=64, score_dims=32), "product's rankings"),
+])
+def test_invalid_quantized_key_configs(kw, match):
+    args = small_args(n_head=4, n_kv_head=2, head_dim=64)  # D = 128
+    with pytest.raises(ValueError, match=match):
+        VariantConfig(**kw).resolve(args, 128)

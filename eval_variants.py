@@ -182,12 +182,12 @@ class QuantKeyCache(SALSCache):
     def bytes_allocated(self) -> int:
         """A packed store's bytes: the latents of max_seq_length tokens packed, and the short rows' exact keys in a
         16-bit buffer of their own (packed latent rows are too narrow to hold them, as exact_keys does)."""
-        B, S_lat, rs = self.k_lat_score.shape
-        S = self.v_q.shape[1]
-        lat16 = B * S_lat * self.token_bytes(rs + self.k_lat_rest.shape[-1], 16)
+        B, S_lat = self.k_lat_score.shape[:2]
+        widths = (self.rs, self.k_lat_rest.shape[-1])
+        lat16 = B * S_lat * sum(self.token_bytes(n, 16) for n in widths)
+        packed = B * self.v_q.shape[1] * sum(self.token_bytes(n, self.key_bits) for n in widths)
         exact = B * self.n_exact * self.token_bytes(self.n_kv_head * self.head_dim, 16)
-        return super().bytes_allocated() - lat16 + B * S * self.token_bytes(rs + self.k_lat_rest.shape[-1], 16) \
-            - self.latent_saving(B * S) + exact
+        return super().bytes_allocated() - lat16 + packed + exact
 
     def bytes_read_per_step(self) -> int:
         """SALSCache's count with the latents packed: the score prefix of every slot, the selected tokens' latents."""

@@ -9,8 +9,8 @@
 #   sweep     the fused SALS kernel's launch settings alone (bench/attention_bench.py SWEEP)
 #   e2e       whole model, random weights, compiled decode step (generate.py --compile's path): dense kernel, dense
 #             masked, SALS-25%, SALS-12.5%, at the end-to-end targets' shapes
-#   long      whole model, compiled, at the long end-to-end targets: Llama-2 16K batch 8; Llama-3-8B 128K batch 4
-#             (85 GB dense: skipped on a card with less memory)
+#   long      whole model, compiled, at the long end-to-end target Llama-2 16K batch 8
+#   128k      the same at Llama-3-8B 128K batch 4 (85 GB dense: skipped on a card with less memory)
 #   largest   the largest batch at 32K for each method (each batch its own process), and its timing
 #   prefill   one long prompt through the Llama-3-8B shape, chunked: time against the compute roofline, memory
 #   profile   Nsight Compute over one eager SALS step per cell: stall reasons, registers, occupancy
@@ -40,9 +40,10 @@ e2e)
       --method dense dense-masked sals-25 sals-12.5 --steps 32 ;;
 long)
   step 200 e2e_llama16k python bench/decode_bench.py --compile --shape llama-2-7b --prompt 16384 --batch 8 \
-      --method dense sals-25 sals-12.5 --steps 32
+      --method dense sals-25 sals-12.5 --steps 32 ;;
+128k)
   if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ]; then
-    step 300 e2e_llama3_128k python bench/decode_bench.py --compile --shape llama-3-8b --prompt 131072 --batch 4 \
+    step 540 e2e_llama3_128k python bench/decode_bench.py --compile --shape llama-3-8b --prompt 131072 --batch 4 \
         --method dense sals-25 sals-12.5 --steps 16
   else echo "== Llama-3-8B 128K batch 4 skipped: it needs ~85 GB"; fi ;;
 largest)
@@ -60,7 +61,7 @@ profile)
   "$NCU" -i "$OUT/step.ncu-rep" --page details > "$OUT/details.txt" 2>&1
   grep -E "^  [a-zA-Z_]|Duration|Registers Per|Achieved Occupancy|Memory Throughput|Warp Cycles Per Issued" \
       "$OUT/details.txt" | head -120 ;;
-*) echo "unknown mode $mode (check, dense, select, layer, sweep, e2e, long, largest, prefill, profile)"; exit 2 ;;
+*) echo "unknown mode $mode (check, dense, select, layer, sweep, e2e, long, 128k, largest, prefill, profile)"; exit 2 ;;
 esac; done
 echo; echo "== tables"
 for f in "$OUT"/*.log; do grep -q '^|' "$f" && { echo "-- $(basename "$f")"; grep '^|' "$f"; }; done

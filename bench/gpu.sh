@@ -26,7 +26,7 @@ targets=(mistral-7b:32768:8 mistral-7b:32768:16 mistral-7b:4096:8 mistral-7b:409
 for mode in "$@"; do case $mode in
 check) step 110 check python bench/attention_bench.py --check
        step 60 bucket_query python -m kernels.bucket_query ;;
-dense) step 170 dense python -m kernels.decode_attention --variants ;;
+dense) step 240 dense python -m kernels.decode_attention --variants ;;
 select) step 120 select python -m kernels.topk 1 8 ;;
 layer)
   step 290 layer python bench/attention_bench.py --eager --fraction 0.125 0.25 --selection layer "kv-head bucket" \

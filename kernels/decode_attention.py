@@ -16,7 +16,9 @@ nothing. Online softmax in float32, base 2; each program writes a partial (max, 
 combine kernel merges the partials of each row.
 
     python -m kernels.decode_attention              # micro-benchmark on a GPU: Llama-2-7B / Mistral-7B layers
-                                                    # against the copy ceiling (SDPA: bench/attention_bench.py)
+                                                    # against the copy ceiling, under both L2 flushes of
+                                                    # kernels/timing.graph_us (every SDPA backend:
+                                                    # bench/attention_bench.py)
     python -m kernels.decode_attention --variants   # the same for every launch setting of VARIANTS
 """
 import functools
@@ -330,6 +332,12 @@ if __name__ == "__main__":
         t = min(times)
         line = (f"{name} S={S} B={B}: {t:.1f} us, {nbytes / 1e6:.1f} MB, {nbytes / t / 1e6:.2f} TB/s "
                 f"({nbytes / t / 1e6 / (ceiling / 1e12):.0%} of copy), rel err {err:.1e}")
+        if min(lens) == S:  # both L2 flushes of kernels/timing.graph_us, ours and SDPA flash on the same rows
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                flash = lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)  # noqa: E731
+                t_flash = [graph_us(flash, flush=f) for f in ("read", "zero")]
+            line += (f"; zeroing flush {graph_us(lambda: decode_attention(q, k, v, pos), flush='zero'):.1f} us; "
+                     f"SDPA flash {t_flash[0]:.1f} / {t_flash[1]:.1f} us (read / zeroing flush)")
         if len(configs) > 1:
             line += "; variants " + " / ".join(f"{x:.1f}" for x in times) + " us"
         if min(lens) == S:

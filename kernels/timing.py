@@ -1,6 +1,6 @@
 """Timing and rooflines for the kernels' micro-benchmarks and for bench/ (GPU only).
 
-    us = graph_us(lambda: kernel(...))        # median us of CUDA-graph replays, L2 cleared before each
+    us = graph_us(lambda: kernel(...))        # median us of CUDA-graph replays, L2 flushed before each
     floor_us = bytes_read / copy_ceiling() * 1e6
 
 The ceilings are measured in the same process as the times they are compared with, never taken from a
@@ -11,10 +11,18 @@ import functools
 import torch
 
 
-def graph_us(fn, warmup: int = 50, rep: int = 300) -> float:
-    """Median microseconds of fn replayed from a CUDA graph, the L2 cache cleared before every replay
-    (triton's do_bench), so no input is read from L2 and no launch costs Python time."""
-    from triton.testing import do_bench
+FLUSH_BYTES = 256 << 20  # the buffer that evicts L2 before each timed call (several times any current L2)
+
+
+def graph_us(fn, warmup: int = 50, rep: int = 300, flush: str = "read") -> float:
+    """Median microseconds of fn replayed from a CUDA graph (no launch costs Python time), the L2 cache flushed
+    before every replay so that no input is read from it; warmup and rep in milliseconds, as triton's do_bench.
+    flush "read" reads a FLUSH_BYTES buffer, which leaves L2 full of clean lines, as a decode step's attention finds
+    it (the projections before it only read weights); "zero" writes it, as do_bench does: the L2-sized remainder of
+    dirty lines is then written back to memory inside the timed call, a fixed cost on every kernel
+    (BENCHMARKS.md, 12-07e)."""
+    if flush not in ("read", "zero"):
+        raise ValueError(f"flush is 'read' or 'zero', not {flush!r}")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile and allocate outside the capture
@@ -24,7 +32,28 @@ def graph_us(fn, warmup: int = 50, rep: int = 300) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") * 1e3
+    buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+    clear = buf.zero_ if flush == "zero" else buf.sum
+
+    def timed(n: int) -> list[float]:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            clear()
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+
+    first, last = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    first.record()
+    timed(5)
+    last.record()
+    torch.cuda.synchronize()
+    estimate = max(first.elapsed_time(last) / 5, 1e-3)  # ms per flush and replay, as do_bench counts them
+    timed(max(1, int(warmup / estimate)))
+    times = sorted(timed(max(5, int(rep / estimate))))
+    return times[len(times) // 2] * 1e3
 
 
 @functools.cache

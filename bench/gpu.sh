@@ -43,7 +43,7 @@ long)
       --method dense sals-25 sals-12.5 --steps 32 ;;
 128k)
   if [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ]; then
-    step 540 e2e_llama3_128k python bench/decode_bench.py --compile --shape llama-3-8b --prompt 131072 --batch 4 \
+    step 500 e2e_llama3_128k python bench/decode_bench.py --compile --shape llama-3-8b --prompt 131072 --batch 4 \
         --method dense sals-25 sals-12.5 --steps 16
   else echo "== Llama-3-8B 128K batch 4 skipped: it needs ~85 GB"; fi ;;
 largest)

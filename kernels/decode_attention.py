@@ -23,6 +23,7 @@ combine kernel merges the partials of each row.
 """
 import functools
 import math
+from typing import Optional  # torch.library's schema inference reads typing.Optional in older torch
 
 import torch
 import triton
@@ -33,8 +34,9 @@ from torch import Tensor
 # num_warps, num_stages (K/V loads pipelined num_stages - 1 blocks ahead), programs_per_sm (how many programs in all
 # n_split aims for), min_chunk (n_split never cuts a full cache row into chunks shorter than this), dot (q.k and p.v on
 # the tensor cores, the G query rows padded to 16; else multiply-and-sum in registers on G rows, which skips the
-# shared-memory staging of K and V that tl.dot needs: for MHA's single query row).
-DEFAULT_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=256, dot=True)
+# shared-memory staging of K and V that tl.dot needs: for MHA's single query row), merge (the last program of each row
+# and KV head to finish merges the row's partials, counted in a lock buffer: one launch instead of two).
+DEFAULT_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=256, dot=True, merge=False)
 # The variants a GPU benchmark times (python -m kernels.decode_attention --variants). Compiled offline for sm_90 at
 # D = 128, bf16 (no spills): the default 70 KB of shared memory and 96 registers (three programs per SM), 4 stages
 # 102 KB (two), 128-token tiles with 3 stages 136 KB (one), with 2 stages 72 KB and 128 registers (three).
@@ -46,6 +48,8 @@ VARIANTS = (
     dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=16, min_chunk=128),
     dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8, min_chunk=256, dot=False),
     dict(block_n=32, num_warps=4, num_stages=4, programs_per_sm=8, min_chunk=256, dot=False),
+    dict(DEFAULT_CONFIG, merge=True),
+    dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=16, min_chunk=128, merge=True),
 )
 INTERPRETER_SMS = 4  # the SM count split_count assumes off the GPU (Triton's interpreter): several splits at tiny sizes
 
@@ -96,11 +100,12 @@ def _attend_block(q, k_ptr, v_ptr, kv, n0, hi, m, l, acc, qk_scale, D: tl.conste
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, span_ptr, B, S, P, stride_qb, stride_qh,
-                   stride_pos,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, span_ptr, out_ptr, lock_ptr, B, S, P,
+                   stride_qb, stride_qh, stride_pos, stride_ob, stride_oh,
                    qk_scale: tl.constexpr,  # constexpr: under torch.compile a float argument would arrive as fp64
                    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, B_P: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, MERGE: tl.constexpr,
+                   INTERPRETED: tl.constexpr):
     j, h = tl.program_id(0), tl.program_id(1)  # program j of KV head h
     n, start, count, chunk = _plan(pos_ptr, stride_pos, B, S, P, BLOCK_N, B_P)
     rb = tl.arange(0, B_P)
@@ -136,18 +141,33 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, span_ptr
     tl.store(m_ptr + out, m, mask=live)
     tl.store(l_ptr + out, l, mask=live)
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=live[:, None])
+    if MERGE:  # the last of row b's programs of KV head h to finish merges their partials into out
+        tl.debug_barrier()  # every thread's partials stored before the count is raised
+        lock = lock_ptr + b * (H // G) + h
+        if used:
+            n_prog = tl.sum(tl.where(rb == b, count, 0), 0)
+            if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == n_prog - 1:
+                first_b = tl.sum(tl.where(rb == b, start, 0), 0)
+                for i in tl.static_range(G):
+                    o = _merge(m_ptr, l_ptr, acc_ptr, first_b, n_prog, h * G + i, H, D, 16)
+                    tl.store(out_ptr + b.to(tl.int64) * stride_ob + (h * G + i) * stride_oh + d,
+                             o.to(out_ptr.dtype.element_ty))
+                tl.store(lock, 0)  # zero again for the next launch
+        if j == 0:  # rows without programs (negative positions) come out NaN, as from the combine kernel
+            empty = (rb < B) & (count == 0)
+            nan = tl.full([B_P, D], float("nan"), tl.float32).to(out_ptr.dtype.element_ty)
+            for i in tl.static_range(G):
+                tl.store(out_ptr + rb.to(tl.int64)[:, None] * stride_ob + (h * G + i) * stride_oh + d[None, :], nan,
+                         mask=empty[:, None])
 
 
 @triton.jit
-def _combine_kernel(span_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh, H: tl.constexpr,
-                    D: tl.constexpr, BLOCK: tl.constexpr):
-    """out[b, hq] = the softmax-weighted merge of row b's partials, rows span[b, 0] .. span[b, 0] + span[b, 1] - 1 of
-    m, l, acc, BLOCK partials at a time with a running max; no other partial is read. An empty partial (max -inf,
-    sum 0) weighs nothing; a row without partials comes out NaN. A while loop: its trip count is a loaded value,
-    which a for loop's range() cannot take in Triton's interpreter (whose scalars are 1-element arrays)."""
-    b, hq = tl.program_id(0), tl.program_id(1)
-    first = tl.load(span_ptr + b * 2)
-    cnt = tl.load(span_ptr + b * 2 + 1)
+def _merge(m_ptr, l_ptr, acc_ptr, first, cnt, hq, H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """The softmax-weighted merge (D,) of query head hq's partials in rows first .. first + cnt - 1 of m, l (P, H),
+    acc (P, H, D), BLOCK partials at a time with a running max; no other partial is read. An empty partial (max -inf,
+    sum 0) weighs nothing; cnt == 0 gives NaN. A while loop: its trip count is a loaded value, which a for loop's
+    range() cannot take in Triton's interpreter (whose scalars are 1-element arrays). Loads bypass L1 (.cg): other
+    programs wrote these partials during the same launch."""
     d = tl.arange(0, D)
     m_run = tl.full([], float("-inf"), tl.float32)
     den = tl.zeros([], tl.float32)
@@ -156,17 +176,29 @@ def _combine_kernel(span_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_
     while i0 < cnt:
         i = i0 + tl.arange(0, BLOCK)
         row = (first + i) * H + hq  # (BLOCK,) partial rows
-        m = tl.load(m_ptr + row, mask=i < cnt, other=float("-inf"))
+        m = tl.load(m_ptr + row, mask=i < cnt, other=float("-inf"), cache_modifier=".cg")
         m_new = tl.maximum(m_run, tl.max(m, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # only empty partials so far: keep exp2 finite
         alpha = tl.exp2(m_run - m_safe)
         w = tl.exp2(m - m_safe)  # (BLOCK,)
-        den = den * alpha + tl.sum(w * tl.load(l_ptr + row, mask=i < cnt, other=0.0), 0)
-        acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=(i < cnt)[:, None], other=0.0)
+        den = den * alpha + tl.sum(w * tl.load(l_ptr + row, mask=i < cnt, other=0.0, cache_modifier=".cg"), 0)
+        acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=(i < cnt)[:, None], other=0.0,
+                      cache_modifier=".cg")
         num = num * alpha + tl.sum(acc * w[:, None], 0)
         m_run = m_new
         i0 += BLOCK
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + d, (num / den).to(out_ptr.dtype.element_ty))
+    return num / den
+
+
+@triton.jit
+def _combine_kernel(span_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh, H: tl.constexpr,
+                    D: tl.constexpr, BLOCK: tl.constexpr):
+    """out[b, hq] = the merge of row b's partials, rows span[b, 0] .. span[b, 0] + span[b, 1] - 1 (a row without
+    partials comes out NaN)."""
+    b, hq = tl.program_id(0), tl.program_id(1)
+    out = _merge(m_ptr, l_ptr, acc_ptr, tl.load(span_ptr + b * 2), tl.load(span_ptr + b * 2 + 1), hq, H, D, BLOCK)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + tl.arange(0, D),
+             out.to(out_ptr.dtype.element_ty))
 
 
 def resolve_config(config: dict | None) -> dict:
@@ -176,10 +208,11 @@ def resolve_config(config: dict | None) -> dict:
     if unknown:
         raise ValueError(f"unknown decode_attention settings {unknown}; the settings are {sorted(DEFAULT_CONFIG)}.")
     bn = cfg["block_n"]
-    if bn < 16 or bn & (bn - 1) or cfg["dot"] not in (True, False) or min(cfg["num_warps"], cfg["num_stages"], cfg["programs_per_sm"],
-                                       cfg["min_chunk"]) < 1:
-        raise ValueError(f"decode_attention settings {cfg}: block_n must be a power of two >= 16, dot a bool and "
-                         f"the others at least 1.")
+    counts = (cfg["num_warps"], cfg["num_stages"], cfg["programs_per_sm"], cfg["min_chunk"])
+    if bn < 16 or bn & (bn - 1) or cfg["dot"] not in (True, False) or cfg["merge"] not in (True, False) or \
+            min(counts) < 1:
+        raise ValueError(f"decode_attention settings {cfg}: block_n must be a power of two >= 16, dot and merge "
+                         f"bools and the others at least 1.")
     return cfg
 
 
@@ -221,23 +254,31 @@ def check_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor)
 
 
 def launch_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, m: Tensor, l: Tensor, acc: Tensor,
-                  span: Tensor, cfg: dict):
+                  span: Tensor, cfg: dict, out: Tensor | None = None, lock: Tensor | None = None):
     """The split kernel: the P = m.shape[0] programs of each KV head (n_split = P / B) write their partials into m,
     l (P, H) and acc (P, H, D) float32, and the plan into span (B, 2) int32: each row's first program and count
-    (tests pass buffers poisoned with NaN; idle programs leave theirs as they were)."""
+    (tests pass buffers poisoned with NaN; idle programs leave theirs as they were). With cfg["merge"] the programs
+    also merge them into out (B, H, D) (any strides with contiguous channels), counting finished programs in lock
+    (B, Hkv) int32, which must be zero and is left zero; launch_combine is then not needed."""
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     P = m.shape[0]
     assert P % B == 0 and m.shape == l.shape == (P, H) and acc.shape == (P, H, D) and span.shape == (B, 2)
     assert m.is_contiguous() and l.is_contiguous() and acc.is_contiguous() and span.is_contiguous()
+    if cfg["merge"]:
+        assert out is not None and out.shape == (B, H, D) and out.stride(2) == 1, "merge needs out (B, H, D)"
+        assert lock is not None and lock.shape == (B, Hkv) and lock.dtype == torch.int32 and lock.is_contiguous(), \
+            "merge needs a zero lock (B, Hkv) int32"
+    out = m if out is None else out  # unused without merge
     pos = input_pos.reshape(B)
     G = H // Hkv
     torch.library.wrap_triton(_decode_kernel)[(P, Hkv)](
-        q, k_cache, v_cache, pos, m, l, acc, span, B, S, P, q.stride(0), q.stride(1), pos.stride(0),
+        q, k_cache, v_cache, pos, m, l, acc, span, out, span if lock is None else lock, B, S, P, q.stride(0),
+        q.stride(1), pos.stride(0), out.stride(0), out.stride(1),
         D ** -0.5 * math.log2(math.e), H=H, G=G, D=D, B_P=triton.next_power_of_2(B),
         BLOCK_M=max(16 if cfg["dot"] else 1, triton.next_power_of_2(G)),
         BLOCK_N=max(16, cfg["block_n"] * 2 // q.element_size()), PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT=cfg["dot"], INTERPRETED=not q.is_cuda, num_warps=cfg["num_warps"],
+        DOT=cfg["dot"], MERGE=cfg["merge"], INTERPRETED=not q.is_cuda, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
 
 
@@ -250,12 +291,15 @@ def launch_combine(span: Tensor, m: Tensor, l: Tensor, acc: Tensor, out: Tensor)
                                                        BLOCK=16, num_warps=4 if out.is_cuda else 1)
 
 
+# lock is scratch the kernel leaves as it found it (zero), so the op does not declare it mutated: declared, the compiler
+# would copy it around every call
 @torch.library.triton_op("sals::dense_decode_attention", mutates_args=())
-def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, block_n: int, num_warps: int,
-                      num_stages: int, programs_per_sm: int, min_chunk: int, dot: bool) -> Tensor:
+def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, lock: Optional[Tensor],
+                      block_n: int, num_warps: int, num_stages: int, programs_per_sm: int, min_chunk: int, dot: bool,
+                      merge: bool) -> Tensor:
     """decode_attention with the launch settings as separate arguments (a custom op's schema takes no dict)."""
     cfg = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, programs_per_sm=programs_per_sm,
-               min_chunk=min_chunk, dot=dot)
+               min_chunk=min_chunk, dot=dot, merge=merge)
     B, H, D = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     P = B * split_count(B, Hkv, S, sm_count(q.device), cfg)
@@ -263,25 +307,33 @@ def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Te
     l = torch.empty_like(m)
     acc = torch.empty(P, H, D, dtype=torch.float32, device=q.device)
     span = torch.empty(B, 2, dtype=torch.int32, device=q.device)
-    launch_decode(q, k_cache, v_cache, input_pos, m, l, acc, span, cfg)
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-    launch_combine(span, m, l, acc, out)
+    if merge and lock is None:
+        lock = torch.zeros(B, Hkv, dtype=torch.int32, device=q.device)
+    launch_decode(q, k_cache, v_cache, input_pos, m, l, acc, span, cfg, out, lock)
+    if not merge:
+        launch_combine(span, m, l, acc, out)
     return out
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, config: dict | None = None
-                     ) -> Tensor:
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, config: dict | None = None,
+                     lock: Tensor | None = None) -> Tensor:
     """One decode step of dense attention for every row of the cache.
 
     q (B, H, D) post-RoPE query of the new token (any strides with contiguous channels); k_cache, v_cache
     (B, Hkv, S_max, D) contiguous post-RoPE cache, the new token already written; input_pos (B,) or (B, 1) integer:
     row b attends positions 0..input_pos[b]. Head h reads KV head h // (H / Hkv) (the Hugging Face grouping).
-    config: launch settings over DEFAULT_CONFIG (see VARIANTS). Returns (B, H, D) in q's dtype.
+    config: launch settings over DEFAULT_CONFIG (see VARIANTS). lock: (B, Hkv) int32 zeros kept by the caller for
+    the merge setting (left zero; None: a fresh one each call, one more small kernel). Returns (B, H, D) in q's dtype.
     Scale 1/sqrt(D); fp32, fp16 and bf16."""
     check_inputs(q, k_cache, v_cache, input_pos)
     cfg = resolve_config(config)
-    return _decode_attention(q, k_cache, v_cache, input_pos, cfg["block_n"], cfg["num_warps"], cfg["num_stages"],
-                             cfg["programs_per_sm"], cfg["min_chunk"], cfg["dot"])
+    if lock is not None and (lock.shape != (q.shape[0], k_cache.shape[1]) or lock.dtype != torch.int32
+                             or lock.device != q.device or not lock.is_contiguous()):
+        raise ValueError(f"lock must be contiguous (B, Hkv) = {(q.shape[0], k_cache.shape[1])} int32 zeros on "
+                         f"{q.device}; got {tuple(lock.shape)} {lock.dtype} on {lock.device}.")
+    return _decode_attention(q, k_cache, v_cache, input_pos, lock, cfg["block_n"], cfg["num_warps"],
+                             cfg["num_stages"], cfg["programs_per_sm"], cfg["min_chunk"], cfg["dot"], cfg["merge"])
 
 
 def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor) -> Tensor:
@@ -307,6 +359,20 @@ if __name__ == "__main__":
     dev, dt, D, H = "cuda", torch.bfloat16, 128, 32
     ceiling = copy_ceiling()
     print(f"{torch.cuda.get_device_name()}: copy ceiling {ceiling / 1e12:.2f} TB/s, {sm_count(torch.device(dev))} SMs")
+    # the merge under torch.compile in a CUDA graph, as a compiled decode step runs it: the lock is a graph input the
+    # op does not declare mutated, so replays with new positions must still come out right and leave it zero
+    q, k, v = (torch.randn(4, H, *shape, device=dev, dtype=dt) for shape in [(D,), (2048, D), (2048, D)])
+    k, v = k[:, :8].contiguous(), v[:, :8].contiguous()  # 8 KV heads
+    pos, lock = torch.zeros(4, 1, dtype=torch.long, device=dev), torch.zeros(4, 8, dtype=torch.int32, device=dev)
+    step = torch.compile(lambda: decode_attention(q, k, v, pos, dict(merge=True), lock),
+                         mode="reduce-overhead", fullgraph=True)
+    for lens in ([2048, 7, 1000, 1], [5, 2048, 64, 300], [2048] * 4):
+        pos.copy_(torch.tensor(lens, device=dev)[:, None] - 1)
+        out = step().clone()
+        ref = decode_attention_reference(q.float(), k.float(), v.float(), pos)
+        print(f"compiled merge, rows {lens}: rel err {((out.double() - ref).norm() / ref.norm()).item():.1e}, lock "
+              f"{'zero' if not lock.any() else 'NOT zero'}")
+    del q, k, v, pos, lock, step
     # K and V elements (bf16) at most, a multiple of 256 so that V's view is as aligned as K's
     most = min(20 << 30, int(torch.cuda.mem_get_info()[0] * 0.85) // 4) >> 8 << 8
     pool = torch.randn(2 * most, device=dev, dtype=dt)  # every case's K and V are views of it (no reallocation)
@@ -323,12 +389,15 @@ if __name__ == "__main__":
         q = torch.randn(B, H, D, device=dev, dtype=dt)
         pos = torch.tensor(lens, device=dev)[:, None] - 1
         nbytes = 2 * sum(lens) * Hkv * D * 2 + 2 * q.numel() * 2  # K and V of each row's own tokens, q and out
-        out = decode_attention(q, k, v, pos)
+        lock = torch.zeros(B, Hkv, dtype=torch.int32, device=dev)  # for the merge settings, kept as a cache keeps it
+        outs = [decode_attention(q, k, v, pos, cfg, lock) for cfg in configs]
+        out = outs[0]
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # per row, on its own tokens: the reference output
             ref = torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, None], k[b:b + 1, :, :L], v[b:b + 1, :, :L],
                                                             enable_gqa=True)[:, :, 0] for b, L in enumerate(lens)])
-        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        times = [graph_us(lambda: decode_attention(q, k, v, pos, cfg)) for cfg in configs]
+        err = max(((o.float() - ref.float()).norm() / ref.float().norm()).item() for o in outs)  # the worst setting
+        assert not lock.any(), "the merging programs left the lock non-zero"
+        times = [graph_us(lambda: decode_attention(q, k, v, pos, cfg, lock)) for cfg in configs]
         t = min(times)
         line = (f"{name} S={S} B={B}: {t:.1f} us, {nbytes / 1e6:.1f} MB, {nbytes / t / 1e6:.2f} TB/s "
                 f"({nbytes / t / 1e6 / (ceiling / 1e12):.0%} of copy), rel err {err:.1e}")

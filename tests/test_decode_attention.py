@@ -182,46 +182,57 @@ def decode_case(B: int, H: int, Hkv: int, S: int, D: int, dtype, lens: list[int]
 
 
 def launch_poisoned(q, k, v, input_pos, n_split: int, cfg: dict = INTERPRETER_CONFIG):
-    """The two kernels with every output NaN (span -7) beforehand; returns (out, m, l, acc, span)."""
+    """The two kernels (or, with cfg's merge, the split kernel alone, merging into out with a zero lock that it must
+    leave zero) with every output NaN (span -7) beforehand; returns (out, m, l, acc, span)."""
     from kernels.decode_attention import launch_combine, launch_decode, resolve_config
     B, H, D = q.shape
     P = B * n_split
     m, l, acc = torch.full((P, H), math.nan), torch.full((P, H), math.nan), torch.full((P, H, D), math.nan)
     span = torch.full((B, 2), -7, dtype=torch.int32)
-    launch_decode(q, k, v, input_pos, m, l, acc, span, resolve_config(cfg))
     out = torch.full((B, H, D), math.nan, dtype=q.dtype)
-    launch_combine(span, m, l, acc, out)
+    cfg = resolve_config(cfg)
+    lock = torch.zeros(B, k.shape[1], dtype=torch.int32)
+    launch_decode(q, k, v, input_pos, m, l, acc, span, cfg, out, lock)
+    if cfg["merge"]:
+        assert not lock.any(), "the merging programs must leave the lock zero"
+    else:
+        launch_combine(span, m, l, acc, out)
     return out, m, l, acc, span
 
 
-@pytest.mark.parametrize("dot", [True, False])
+MODES = {"dot": dict(INTERPRETER_CONFIG), "registers": dict(INTERPRETER_CONFIG, dot=False),
+         "merge": dict(INTERPRETER_CONFIG, merge=True)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("H,Hkv,D", [(4, 4, 64), (9, 3, 64), (8, 2, 128), (8, 1, 64)])
-def check_decode_kernel(H, Hkv, D, dtype, dot):
+def check_decode_kernel(H, Hkv, D, dtype, mode):
     """Rows of length 1, partial and full S (S not a multiple of the block), GQA groups 1, 3, 4 and 8, head_dim 64
-    and 128, one split per row and splits far finer than the short rows' blocks, on the tensor cores and in
-    registers: the output against float64."""
+    and 128, one split per row and splits far finer than the short rows' blocks, on the tensor cores, in registers
+    and with the merge in the split kernel: the output against float64."""
     from kernels.decode_attention import decode_attention_reference
     S = 100
     q, k, v, pos = decode_case(3, H, Hkv, S, D, dtype, [1, 37, S], seed=H + Hkv + D)
     ref = decode_attention_reference(q, k, v, pos)
     for n_split in (1, 2, 8):
-        out = launch_poisoned(q, k, v, pos, n_split, dict(INTERPRETER_CONFIG, dot=dot))[0]
+        out = launch_poisoned(q, k, v, pos, n_split, MODES[mode])[0]
         assert out.dtype == dtype and rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3), n_split
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide")  # the empty row's 0 / 0
+@pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("lens,n_split", [([400, 1, 13, 200], 6), ([96] * 4, 6), ([400, 0, 1, 3], 1)])
-def check_work_is_shared_by_length(lens, n_split):
+def check_work_is_shared_by_length(lens, n_split, merge):
     """The plan (span): each row's programs are consecutive, their number is cdiv(length, chunk) for one chunk (a
     multiple of the block) no longer than the batch's tokens over P - B (P = B * n_split programs per KV head, or the
     longest row when P == B): a long row takes many programs, a short one one, none past P, and rows of equal
     lengths use every program. Exactly the planned programs write partials (the idle ones leave their NaN, which the
-    combine never reads: the output is finite and right; a row of length 0 comes out NaN)."""
+    combine never reads: the output is finite and right; a row of length 0 comes out NaN), with either merge."""
     from kernels.decode_attention import decode_attention_reference
     B, P = len(lens), len(lens) * n_split
     q, k, v, pos = decode_case(B, 4, 2, 400, 64, torch.float32, lens, seed=11)
-    out, m, l, acc, span = launch_poisoned(q, k, v, pos, n_split)
+    out, m, l, acc, span = launch_poisoned(q, k, v, pos, n_split, dict(INTERPRETER_CONFIG, merge=merge))
     start, count = span[:, 0].tolist(), span[:, 1].tolist()
     assert start == [sum(count[:b]) for b in range(B)] and sum(count) <= P
     bound = math.ceil(sum(lens) / (P - B)) if P > B else max(lens)
@@ -236,14 +247,15 @@ def check_work_is_shared_by_length(lens, n_split):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide")  # the negative position's 0 / 0
-def check_positions_outside_the_cache():
+@pytest.mark.parametrize("merge", [False, True])
+def check_positions_outside_the_cache(merge):
     """A position past the cache is read as its last slot (the whole row, nothing beyond: the memory after the cache
-    is NaN here); a negative one leaves its row NaN and the other rows right."""
+    is NaN here); a negative one leaves its row NaN and the other rows right, with either merge."""
     from kernels.decode_attention import decode_attention_reference
     q, k, v, pos = decode_case(3, 8, 2, 50, 64, torch.float32, [50, 20, 9], seed=2)
     k, v = (torch.cat([t.flatten(), torch.full((4096,), math.nan)])[:t.numel()].view(t.shape) for t in (k, v))
     pos_out = torch.tensor([[50 + 30], [-1], [8]])
-    out = launch_poisoned(q, k, v, pos_out, 4)[0]
+    out = launch_poisoned(q, k, v, pos_out, 4, dict(INTERPRETER_CONFIG, merge=merge))[0]
     ref = decode_attention_reference(q, k, v, pos)
     assert rel_err(out[[0, 2]], ref[[0, 2]]) < 1e-5 and out[1].isnan().all()
 
@@ -289,6 +301,8 @@ def check_op_takes_strided_queries_and_any_integer_positions():
     assert rel_err(decode_attention(q, k, v, pos[:, 0].int()), ref) < 1e-5
     for cfg in VARIANTS:
         assert rel_err(decode_attention(q, k, v, pos, dict(cfg, num_warps=1, num_stages=1)), ref) < 1e-5, cfg
+    lock = torch.zeros(2, 2, dtype=torch.int32)  # the merge with a caller's lock, which it leaves zero
+    assert rel_err(decode_attention(q, k, v, pos, dict(merge=True), lock), ref) < 1e-5 and not lock.any()
 
 
 def check_bad_inputs_are_refused():
@@ -307,6 +321,8 @@ def check_bad_inputs_are_refused():
         decode_attention(q, k, v, pos, dict(block=32))
     with pytest.raises(ValueError, match="power of two"):
         decode_attention(q, k, v, pos, dict(block_n=48))
+    with pytest.raises(ValueError, match=r"lock must be contiguous \(B, Hkv\) = \(2, 2\) int32"):
+        decode_attention(q, k, v, pos, dict(merge=True), torch.zeros(2, 8, dtype=torch.int32))
 
 
 def check_model_decode_through_the_kernel_equals_the_reference():
@@ -344,7 +360,7 @@ def check_model_decode_through_the_kernel_equals_the_reference():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-N_CHILD_TESTS = 2 * 2 * 4 + 3 + 1 + 3 + 1 + 1 + 1
+N_CHILD_TESTS = 3 * 2 * 4 + 3 * 2 + 2 + 3 + 1 + 1 + 1
 if CHILD:  # the child collects the checks as tests, and not the parent's tests
     assert os.environ.get("TRITON_INTERPRET") == "1"
     for _name in [n for n in globals() if n.startswith("test_")]:

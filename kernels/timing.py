@@ -20,7 +20,7 @@ def graph_us(fn, warmup: int = 50, rep: int = 300, flush: str = "read") -> float
     flush "read" reads a FLUSH_BYTES buffer, which leaves L2 full of clean lines, as a decode step's attention finds
     it (the projections before it only read weights); "zero" writes it, as do_bench does: the L2-sized remainder of
     dirty lines is then written back to memory inside the timed call, a fixed cost on every kernel
-    (BENCHMARKS.md, 12-07e)."""
+    (bench/NOTES.md 12-07e/3: 7-15 us on an H100)."""
     if flush not in ("read", "zero"):
         raise ValueError(f"flush is 'read' or 'zero', not {flush!r}")
     side = torch.cuda.Stream()
